@@ -1,0 +1,20 @@
+"""Models as Pyro programs, and builders for the common ones."""
+
+from bmm_ppl.models.features import IdentityFeatures, PolynomialFeatures, RBFFeatures, polynomial_features, rbf_features
+from bmm_ppl.models.hyperparameters import Fixed, Hyperprior, Learned, as_hyperparameter, hyperparameter_site
+from bmm_ppl.models.linear_regression import BayesianLinearRegression, LinearGaussianForm
+
+__all__ = [
+    "BayesianLinearRegression",
+    "Fixed",
+    "Hyperprior",
+    "IdentityFeatures",
+    "Learned",
+    "LinearGaussianForm",
+    "PolynomialFeatures",
+    "RBFFeatures",
+    "as_hyperparameter",
+    "hyperparameter_site",
+    "polynomial_features",
+    "rbf_features",
+]

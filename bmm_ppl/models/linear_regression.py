@@ -1,0 +1,96 @@
+"""Bayesian linear regression over a feature map, as a Pyro program."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+from bmm_ppl.models.features import IdentityFeatures
+from bmm_ppl.models.hyperparameters import HyperparameterSpec, as_hyperparameter, hyperparameter_site
+from bmm_ppl.validation import check_same_device, check_same_length, check_tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearGaussianForm:
+    """The conjugate structure of a linear-Gaussian model: ``w ~ N(0, alpha^-1 I)``,
+    ``y | w ~ N(design @ w, beta^-1 I)``. Engines that integrate exactly read it.
+
+    Attributes:
+        design: Tensor[n, d], the features of the inputs.
+        targets: Tensor[n], the observations.
+        alpha, beta: the prior and noise precisions as resolved hyperparameter specs.
+        weight_site, obs_site: the names of the weight and observation sites in the Pyro program.
+    """
+
+    design: torch.Tensor
+    targets: torch.Tensor
+    alpha: HyperparameterSpec
+    beta: HyperparameterSpec
+    weight_site: str = "w"
+    obs_site: str = "obs"
+
+
+class BayesianLinearRegression:
+    """Bayesian linear regression ``y = phi(x) @ w + eps`` as a Pyro program ``model(x, y=None)``.
+
+    ``w ~ N(0, alpha^-1 I)`` and ``eps ~ N(0, beta^-1)``. Each precision is fixed (a number), learned by
+    type-II maximisation of the evidence (``None``: a ``pyro.param`` site named ``"alpha"`` /
+    ``"beta"``) or given a hyperprior (a distribution: a ``pyro.sample`` site).
+
+    Args:
+        features: a feature map ``x -> Tensor[n, d]`` (e.g. ``polynomial_features(3)``); by default the
+            raw inputs with a constant.
+        alpha: prior precision of the weights.
+        beta: noise precision.
+
+    Sites: ``"w"``: Tensor[d]; ``"obs"``: Tensor[n] in a plate ``"data"``; and ``"alpha"``, ``"beta"``
+    where learned or given hyperpriors.
+
+    Example:
+        >>> from bmm_ppl.models import polynomial_features
+        >>> model = BayesianLinearRegression(polynomial_features(3), alpha=5e-3, beta=None)
+        >>> trace = pyro.poutine.trace(model).get_trace(torch.linspace(0, 1, 10))
+        >>> trace.nodes["obs"]["value"].shape
+        torch.Size([10])
+    """
+
+    def __init__(self, features: Callable[[torch.Tensor], torch.Tensor] | None = None, alpha=None, beta=None):
+        self.features = features if features is not None else IdentityFeatures()
+        self.alpha = as_hyperparameter("alpha", alpha)
+        self.beta = as_hyperparameter("beta", beta)
+
+    def _checked_data(self, x: torch.Tensor, y: torch.Tensor | None):
+        check_tensor("x", x, dim=(1, 2))
+        if y is not None:
+            check_tensor("y", y, dim=1)
+            check_same_length(x=x, y=y)
+            check_same_device(x=x, y=y)
+        design = self.features(x)
+        if design.dim() != 2 or design.shape[0] != x.shape[0]:
+            raise ValueError(f"features(x) must be Tensor[n, d] with n = len(x), got {tuple(design.shape)}")
+        return design
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        design = self._checked_data(x, y)
+        alpha = hyperparameter_site("alpha", self.alpha, like=design)
+        beta = hyperparameter_site("beta", self.beta, like=design)
+        num_features = design.shape[-1]
+        prior_scale = alpha.rsqrt().unsqueeze(-1).expand(alpha.shape + (num_features,))
+        w = pyro.sample("w", dist.Normal(torch.zeros_like(prior_scale), prior_scale).to_event(1))
+        # w is Tensor[d], or Tensor[S, 1, d] under a plate of posterior draws left of "data".
+        mean = (design * w).sum(-1)
+        with pyro.plate("data", design.shape[0], dim=-1, device=x.device):
+            return pyro.sample("obs", dist.Normal(mean, beta.rsqrt()), obs=y)
+
+    def conjugate_form(self, x: torch.Tensor, y: torch.Tensor) -> LinearGaussianForm:
+        """The structure that exact engines integrate; see :class:`LinearGaussianForm`."""
+        if y is None:
+            raise ValueError("y is required: the evidence is of observed data")
+        return LinearGaussianForm(self._checked_data(x, y), y, self.alpha, self.beta)
+
+    def __repr__(self) -> str:
+        return f"BayesianLinearRegression({self.features!r}, alpha={self.alpha}, beta={self.beta})"
