@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import arviz as az
 import numpy as np
-import pyro.poutine as poutine
 import torch
 
-from bmm_ppl.inference.model_runs import predictive_draws
+from bmm_ppl.inference.model_runs import predictive_draws, redraw_observed
 
 ARVIZ_MAJOR = int(az.__version__.split(".")[0])
 
@@ -65,7 +64,7 @@ def to_arviz(posterior, num_samples: int = 1000, posterior_predictive: bool = Tr
         if posterior_predictive:
             flat = {n: v.reshape((-1,) + v.shape[2:]) for n, v in draws.items()}
             predicted = predictive_draws(
-                poutine.uncondition(posterior.model), posterior.args, posterior.kwargs, flat, posterior.hyperparameters
+                redraw_observed(posterior.model, observed), posterior.args, posterior.kwargs, flat, posterior.hyperparameters
             )
             groups["posterior_predictive"] = _numpy(
                 {n: v.reshape((chains, per_chain) + v.shape[1:]) for n, v in predicted.items() if n in observed}

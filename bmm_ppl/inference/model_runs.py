@@ -12,6 +12,7 @@ from typing import Callable
 
 import pyro
 import pyro.poutine as poutine
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_factor, site_is_subsample
 import torch
 
@@ -126,11 +127,11 @@ def run_under_draws(
         conditioned = poutine.condition(poutine.substitute(vectorised, data=hyperparameters), data=reshaped)
         trace = poutine.trace(conditioned).get_trace(*args, **kwargs)
         for name, info in structure.sites.items():
-            site = trace.nodes[name]
-            if name in draws or site["is_observed"]:
+            if name in draws:
                 continue
-            # A freshly sampled site must carry the draw dimension, or the model did not broadcast.
-            if site["value"].numel() != num_draws * math.prod(info.value_shape):
+            # Each other site's distribution must carry exactly one draw dimension, or the model did not
+            # broadcast (it raised, or it silently mixed draws with data dimensions).
+            if math.prod(trace.nodes[name]["fn"].batch_shape) != num_draws * math.prod(info.batch_shape):
                 raise ValueError(f"site {name!r} did not broadcast over the draws")
         return [trace], True
     except (RuntimeError, ValueError, IndexError):
@@ -209,6 +210,27 @@ def pointwise_log_likelihood(
                 rows.append(site["fn"].log_prob(site["value"]).reshape(n_obs))
             out[name] = torch.stack(rows)
     return out
+
+
+class _RedrawObserved(Messenger):
+    """Samples the named observed sites afresh instead of conditioning on their data."""
+
+    def __init__(self, names):
+        super().__init__()
+        self.names = set(names)
+
+    def _pyro_sample(self, msg):
+        if msg["name"] in self.names and msg["is_observed"]:
+            msg["is_observed"] = False
+            msg["infer"]["was_observed"] = True
+            msg["value"] = None
+            msg["done"] = False
+
+
+def redraw_observed(model: Callable, names) -> Callable:
+    """The model with the observed sites ``names`` sampled rather than conditioned (unlike
+    ``poutine.uncondition``, ``pyro.deterministic`` sites stay as they are)."""
+    return _RedrawObserved(names)(model)
 
 
 def observed_values(model: Callable, args: tuple, kwargs: dict, hyperparameters: dict | None = None) -> dict:

@@ -100,7 +100,8 @@ class Comparison:
         """
         names = list(self.posteriors)
         probs = self.probabilities
-        weights = torch.tensor([probs[n] for n in names], dtype=torch.float64)
+        # How many draws each model contributes is host-side bookkeeping: on the CPU on purpose.
+        weights = torch.tensor([probs[n] for n in names], dtype=torch.float64, device="cpu")
         counts = torch.distributions.Multinomial(num_samples, probs=weights).sample().long().tolist()
         pieces: dict[str, list[torch.Tensor]] = {}
         shared = None

@@ -1,0 +1,5 @@
+"""Test helpers shipped with the package, so users can check their own engines."""
+
+from bmm_ppl.testing.conformance import ORACLES, Oracle, check_engine, check_log_evidence, check_moments
+
+__all__ = ["ORACLES", "Oracle", "check_engine", "check_log_evidence", "check_moments"]
