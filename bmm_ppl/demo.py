@@ -101,9 +101,9 @@ def plot_bma(comparison, path, num_samples: int = 4000):
     import matplotlib.pyplot as plt
 
     x, t = load_sinusoidal("train")
-    grid = torch.linspace(0, 1, 200, dtype=x.dtype)
+    grid = torch.linspace(0, 1, 200, dtype=x.dtype, device=x.device)
     draws = comparison.predict(grid, num_samples=num_samples)["obs"]
-    lower, median, upper = torch.quantile(draws, torch.tensor([0.025, 0.5, 0.975], dtype=draws.dtype), dim=0)
+    lower, median, upper = torch.quantile(draws, torch.tensor([0.025, 0.5, 0.975], dtype=draws.dtype, device=draws.device), dim=0)
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     ax.fill_between(grid, lower, upper, alpha=0.3, label="BMA 95% predictive band")
     ax.plot(grid, median, label="BMA predictive median")

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable
 
 import torch
 
 from bmm_ppl._enums import StrEnum
-from bmm_ppl.inference import linear_gaussian
-from bmm_ppl.inference.errors import HyperparameterBoundaryError, HyperparameterBoundaryWarning, UnsupportedModelError
+from bmm_ppl.inference import gaussian_linear, linear_gaussian
+from bmm_ppl.inference.errors import DivergenceError, HyperparameterBoundaryError, HyperparameterBoundaryWarning, UnsupportedModelError
 from bmm_ppl.inference.evidence import Evidence
 from bmm_ppl.inference.latents import GaussianLatents
 from bmm_ppl.inference.posterior import Posterior
@@ -66,19 +67,16 @@ class Exact:
 
     def fit(self, model: Callable, *args, **kwargs) -> Posterior:
         """Fits ``model(*args, **kwargs)`` exactly and returns a :class:`Posterior` with ``method="exact"``."""
+        if hasattr(model, "gaussian_form"):
+            return self._fit_general(model, args, kwargs)
         describe = getattr(model, "conjugate_form", None)
         if describe is None:
             raise UnsupportedModelError(
                 f"Exact handles conjugate linear-Gaussian models that describe their structure through "
-                f"`conjugate_form` (BayesianLinearRegression); {type(model).__name__} does not: {_OTHER_ENGINES}"
+                f"`conjugate_form` or `gaussian_form` (BayesianLinearRegression, MultiTaskRegression); "
+                f"{type(model).__name__} does not: {_OTHER_ENGINES}"
             )
-        args = tuple(_move(a, self.device) for a in args)
-        kwargs = {k: _move(v, self.device) for k, v in kwargs.items()}
-        tensors = {f"argument {i}": a for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
-        tensors.update({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
-        check_same_device(**tensors)
-        for name, value in tensors.items():
-            check_tensor(name, value)
+        args, kwargs = self._checked_data(args, kwargs)
         form = describe(*args, **kwargs)
         for name, spec in (("alpha", form.alpha), ("beta", form.beta)):
             if isinstance(spec, Hyperprior):
@@ -122,6 +120,84 @@ class Exact:
             log_evidence=Evidence(float(evidence), None, "exact"),
             hyperparameters=learned,
             diagnostics=diagnostics,
+            engine="Exact",
+        )
+
+    def _checked_data(self, args, kwargs):
+        args = tuple(_move(a, self.device) for a in args)
+        kwargs = {k: _move(v, self.device) for k, v in kwargs.items()}
+        tensors = {f"argument {i}": a for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
+        tensors.update({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+        check_same_device(**tensors)
+        for name, value in tensors.items():
+            check_tensor(name, value)
+        return args, kwargs
+
+    def _fit_general(self, model, args, kwargs) -> Posterior:
+        """Models with a general Gaussian prior (``gaussian_form``): type-II by L-BFGS on the exact evidence."""
+        args, kwargs = self._checked_data(args, kwargs)
+        try:
+            learnable = model.learnable_hyperparameters(*args, **kwargs)
+        except TypeError as error:
+            raise UnsupportedModelError(f"Exact cannot integrate a hyperprior: {error}; {_OTHER_ENGINES}") from None
+        transforms = {name: torch.distributions.transform_to(constraint) for name, (_, constraint) in learnable.items()}
+        unconstrained = {name: transforms[name].inv(init).detach().clone().requires_grad_(True) for name, (init, _) in learnable.items()}
+
+        def values():
+            return {name: transforms[name](u) for name, u in unconstrained.items()}
+
+        def negative_log_evidence():
+            log_evidence, _, _ = gaussian_linear.exact_solution(model.gaussian_form(*args, **kwargs, hyperparameters=values()))
+            return -log_evidence
+
+        evaluations = 0
+        if unconstrained:
+            optimiser = torch.optim.LBFGS(
+                list(unconstrained.values()), lr=1.0, max_iter=self.max_iter, tolerance_grad=1e-9,
+                tolerance_change=1e-12, line_search_fn="strong_wolfe",
+            )
+
+            best = [math.inf]
+
+            def closure():
+                nonlocal evaluations
+                optimiser.zero_grad()
+                evaluations += 1
+                try:
+                    loss = negative_log_evidence()
+                except torch.linalg.LinAlgError:
+                    # A line-search probe left the positive-definite cone numerically: answer with a
+                    # finite penalty above the best value so far, which sends the search back.
+                    return torch.as_tensor(best[0] + 1e6 if math.isfinite(best[0]) else 1e30)
+                loss.backward()
+                best[0] = min(best[0], float(loss.detach()))
+                return loss
+
+            optimiser.step(closure)
+        with torch.no_grad():
+            learned = {name: value.detach() for name, value in values().items()}
+            form = model.gaussian_form(*args, **kwargs, hyperparameters=learned)
+            try:
+                log_evidence, mean, covariance = gaussian_linear.exact_solution(form)
+            except torch.linalg.LinAlgError as error:
+                raise DivergenceError(
+                    f"type-II optimisation of {model!r} ended at singular covariances ({error}); a learned "
+                    "covariance or noise variance is running to zero: fix it or give it a hyperprior"
+                ) from None
+        if not torch.isfinite(log_evidence):
+            raise DivergenceError(f"type-II optimisation of {model!r} reached a non-finite evidence")
+        gradient_norm = None
+        if unconstrained:
+            loss = negative_log_evidence()
+            grads = torch.autograd.grad(loss, list(unconstrained.values()))
+            gradient_norm = float(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
+        latents = GaussianLatents(mean, gaussian_linear.psd_square_root(covariance), {form.weight_site: (mean.shape[0],)})
+        return Posterior(
+            model, args, kwargs,
+            latent_distribution=latents,
+            log_evidence=Evidence(float(log_evidence), None, "exact"),
+            hyperparameters=learned,
+            diagnostics={"type2_evaluations": evaluations, "type2_gradient_norm": gradient_norm},
             engine="Exact",
         )
 

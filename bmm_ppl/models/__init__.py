@@ -3,9 +3,27 @@
 from bmm_ppl.models.features import IdentityFeatures, PolynomialFeatures, RBFFeatures, polynomial_features, rbf_features
 from bmm_ppl.models.hyperparameters import Fixed, Hyperprior, Learned, as_hyperparameter, hyperparameter_site
 from bmm_ppl.models.linear_regression import BayesianLinearRegression, LinearGaussianForm
+from bmm_ppl.models.multitask import (
+    GaussianLinearForm,
+    HierarchicalTasks,
+    IndependentTasks,
+    MultiTaskRegression,
+    RelatedTasks,
+    SharedTask,
+    TaskStructure,
+    task_correlation,
+)
 
 __all__ = [
     "BayesianLinearRegression",
+    "GaussianLinearForm",
+    "HierarchicalTasks",
+    "IndependentTasks",
+    "MultiTaskRegression",
+    "RelatedTasks",
+    "SharedTask",
+    "TaskStructure",
+    "task_correlation",
     "Fixed",
     "Hyperprior",
     "IdentityFeatures",

@@ -1,0 +1,182 @@
+"""Multi-task regression: exact evidence against brute force and per-task fits, structure recovery,
+selection of the task structure by evidence, and bad inputs (float64 throughout)."""
+
+import math
+
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import pytest
+import torch
+
+from bmm_ppl.inference import Exact, UnsupportedModelError
+from bmm_ppl.inference.gaussian_linear import exact_solution
+from bmm_ppl.models import BayesianLinearRegression, IdentityFeatures
+from bmm_ppl.models.multitask import (
+    HierarchicalTasks,
+    IndependentTasks,
+    MultiTaskRegression,
+    RelatedTasks,
+    SharedTask,
+    task_correlation,
+)
+from bmm_ppl.selection import compare
+
+F64 = torch.float64
+NO_BIAS = IdentityFeatures(bias=False)
+
+
+def clustered_covariance(num_tasks=6, within=0.9):
+    labels = torch.arange(num_tasks, device="cpu") < num_tasks // 2
+    same = (labels.unsqueeze(0) == labels.unsqueeze(1)).to(F64)
+    return same * within + torch.eye(num_tasks, dtype=F64, device="cpu") * (1 - within)
+
+
+def task_data(seed, per_task=8, num_tasks=6, num_features=3, noise=0.3, covariance=None):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    covariance = clustered_covariance(num_tasks) if covariance is None else covariance
+    weights = torch.linalg.cholesky(covariance) @ torch.randn(num_tasks, num_features, generator=g, dtype=F64, device="cpu")
+    x = torch.randn(num_tasks * per_task, num_features, generator=g, dtype=F64, device="cpu")
+    task = torch.arange(num_tasks, device="cpu").repeat_interleave(per_task)
+    y = (x * weights[task]).sum(-1) + noise * torch.randn(len(task), generator=g, dtype=F64, device="cpu")
+    return x, task, y, weights
+
+
+def brute_force(form):
+    covariance = form.design @ form.prior_covariance @ form.design.T + torch.diag(form.noise_variance)
+    return torch.distributions.MultivariateNormal(form.design @ form.prior_mean, covariance).log_prob(form.targets)
+
+
+@pytest.mark.parametrize("structure", [IndependentTasks(2.0), SharedTask(0.5),
+                                       HierarchicalTasks(torch.tensor([0.5, -1.0, 0.0], dtype=F64), 0.7 * torch.eye(3, dtype=F64)),
+                                       RelatedTasks(clustered_covariance(), torch.tensor([1.0, 2.0, 0.5], dtype=F64))])
+@pytest.mark.parametrize("per_task", [1, 10])
+def test_both_routes_equal_the_brute_force_evidence(structure, per_task):
+    x, task, y, _ = task_data(0, per_task=per_task)
+    model = MultiTaskRegression(structure, 6, NO_BIAS, noise_variance=0.09)
+    form = model.gaussian_form(x, task, y, hyperparameters={})
+    expected = float(brute_force(form))
+    for route in ("marginal", "precision"):
+        log_evidence, mean, covariance = exact_solution(form, route=route)
+        assert abs(float(log_evidence) - expected) < 1e-8
+    post = Exact().fit(model, x, task, y)
+    assert abs(post.log_evidence.value - expected) < 1e-8
+    # Both routes give the same posterior.
+    _, mean_a, cov_a = exact_solution(form, "marginal")
+    _, mean_b, cov_b = exact_solution(form, "precision")
+    torch.testing.assert_close(mean_a, mean_b, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(cov_a, cov_b, rtol=1e-7, atol=1e-9)
+
+
+def test_independent_tasks_evidence_is_the_sum_of_per_task_evidences():
+    x, task, y, _ = task_data(1)
+    joint = Exact().fit(MultiTaskRegression(IndependentTasks(1.5), 6, NO_BIAS, noise_variance=0.25), x, task, y)
+    separate = sum(
+        Exact().fit(BayesianLinearRegression(NO_BIAS, 1.5, 4.0), x[task == k], y[task == k]).log_evidence.value
+        for k in range(6)
+    )
+    assert abs(joint.log_evidence.value - separate) < 1e-8
+
+
+@pytest.mark.parametrize("noncentred", [False, True])
+def test_evidence_identity_with_the_pyro_program(noncentred):
+    x, task, y, _ = task_data(2, per_task=4)
+    model = MultiTaskRegression(HierarchicalTasks(torch.tensor([0.1, 0.2, 0.3], dtype=F64), torch.eye(3, dtype=F64)),
+                                6, NO_BIAS, noise_variance=0.2, noncentred=noncentred)
+    post = Exact().fit(model, x, task, y)
+    site = "W_std" if noncentred else "W"
+    q = post.latent_distribution.to_distribution()
+    theta = torch.linspace(-1, 1, 18, dtype=F64)
+    trace = poutine.trace(poutine.condition(model, data={site: theta})).get_trace(x, task, y)
+    assert abs(float(trace.log_prob_sum() - q.log_prob(theta)) - post.log_evidence.value) < 1e-7
+
+
+def test_noncentred_and_centred_give_the_same_evidence():
+    x, task, y, _ = task_data(3)
+    structure = RelatedTasks(clustered_covariance(), torch.ones(3, dtype=F64))
+    centred = Exact().fit(MultiTaskRegression(structure, 6, NO_BIAS, 0.1), x, task, y)
+    noncentred = Exact().fit(MultiTaskRegression(structure, 6, NO_BIAS, 0.1, noncentred=True), x, task, y)
+    assert abs(centred.log_evidence.value - noncentred.log_evidence.value) < 1e-8
+
+
+def off_diagonal(matrix):
+    mask = ~torch.eye(matrix.shape[0], dtype=torch.bool, device="cpu")
+    return matrix[mask]
+
+
+def test_learned_task_covariance_recovers_the_clusters_and_evidence_ranks_the_truth_first():
+    x, task, y, _ = task_data(4, per_task=10)
+    models = {
+        "independent": MultiTaskRegression(IndependentTasks(), 6, NO_BIAS),
+        "shared": MultiTaskRegression(SharedTask(), 6, NO_BIAS),
+        "hierarchical": MultiTaskRegression(HierarchicalTasks(), 6, NO_BIAS),
+        "related": MultiTaskRegression(RelatedTasks(), 6, NO_BIAS),
+    }
+    cmp = compare(models, Exact(), x, task, y)
+    assert cmp.best == "related"
+    learned = task_correlation(cmp.posteriors["related"].hyperparameters["task_covariance"])
+    true = clustered_covariance()
+    correlation = torch.corrcoef(torch.stack([off_diagonal(learned), off_diagonal(true)]))[0, 1]
+    # Measured 0.94 on this seed; a recovered two-block structure gives > 0.8.
+    assert correlation > 0.8
+
+
+def per_task_test_error(structure, per_task, seed):
+    x, task, y, weights = task_data(seed, per_task=per_task, num_tasks=8,
+                                    covariance=0.1 * torch.eye(8, dtype=F64) + 0.9)  # tasks alike
+    post = Exact().fit(MultiTaskRegression(structure, 8, NO_BIAS), x, task, y)
+    mean = post.latent_distribution.mean["W"]
+    fitted = post.model.structure.task_weights(mean, 8, 3)
+    return float((fitted - weights).pow(2).sum(-1).mean())
+
+
+def test_hierarchical_beats_independent_with_few_examples_and_the_gap_closes():
+    few = [(per_task_test_error(HierarchicalTasks(), 3, s), per_task_test_error(IndependentTasks(), 3, s)) for s in range(5)]
+    many = [(per_task_test_error(HierarchicalTasks(), 60, s), per_task_test_error(IndependentTasks(), 60, s)) for s in range(5)]
+    hier_few, ind_few = (sum(v) / 5 for v in zip(*few))
+    hier_many, ind_many = (sum(v) / 5 for v in zip(*many))
+    assert hier_few < 0.7 * ind_few
+    assert abs(hier_many - ind_many) < 0.3 * abs(hier_few - ind_few)
+
+
+def test_predictive_shapes_and_task_weights():
+    x, task, y, _ = task_data(5)
+    post = Exact().fit(MultiTaskRegression(RelatedTasks(), 6, NO_BIAS), x, task, y)
+    assert post.samples(7)["W"].shape == (7, 18)
+    predicted = post.predict(x[:5], task[:5], num_samples=4000)["obs"]
+    assert predicted.shape == (4000, 5)
+    weights = post.model.structure.task_weights(post.latent_distribution.mean["W"], 6, 3)
+    mean = (x[:5] * weights[task[:5]]).sum(-1)
+    # Predictive sd is at least the learned noise sd; |mean error| < 4 sd / sqrt(4000).
+    assert ((predicted.mean(0) - mean).abs() < 4 * predicted.std(0) / math.sqrt(4000)).all()
+
+
+# ------------------------------------------------------------------------------- bad input
+def test_tasks_without_data_are_rejected():
+    x, task, y, _ = task_data(0)
+    keep = task != 2
+    with pytest.raises(ValueError, match=r"tasks \[2\] have no data"):
+        Exact().fit(MultiTaskRegression(IndependentTasks(1.0), 6, NO_BIAS, 1.0), x[keep], task[keep], y[keep])
+
+
+def test_mismatched_and_out_of_range_task_labels_are_rejected():
+    x, task, y, _ = task_data(0)
+    model = MultiTaskRegression(IndependentTasks(1.0), 6, NO_BIAS, 1.0)
+    with pytest.raises(ValueError, match="task has 47"):
+        Exact().fit(model, x, task[:-1], y)
+    with pytest.raises(ValueError, match=r"task labels must lie in \[0, 6\)"):
+        Exact().fit(model, x, task + 1, y)
+    with pytest.raises(TypeError, match="integer task labels"):
+        Exact().fit(model, x, task.to(F64), y)
+
+
+def test_hyperprior_is_unsupported_by_exact():
+    model = MultiTaskRegression(IndependentTasks(dist.Gamma(1.0, 1.0)), 6, NO_BIAS, 1.0)
+    with pytest.raises(UnsupportedModelError, match="hyperprior"):
+        Exact().fit(model, *task_data(0)[:3])
+
+
+def test_multitask_exact_follows_the_data_device(meta_default_device):
+    x, task, y, _ = task_data(0, per_task=4)
+    post = Exact().fit(MultiTaskRegression(RelatedTasks(), 6, NO_BIAS), x, task, y)
+    assert post.samples(3)["W"].device.type == "cpu"
+    assert post.hyperparameters["task_covariance"].device.type == "cpu"
