@@ -8,6 +8,10 @@ import pytest
 import torch
 
 matplotlib.use("Agg")
+# The tests run many small linear-algebra problems, where intra-op threads cost more than they save
+# (and oversubscribe the two cores of CI). Correctness does not depend on it; speed checks live in
+# benchmarks/, not here.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
