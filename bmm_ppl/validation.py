@@ -29,7 +29,8 @@ def check_tensor(name: str, value, *, dim: tuple[int, ...] | int | None = None, 
 
 def check_same_length(**tensors: torch.Tensor) -> int:
     """Checks that every given tensor has the same first dimension and returns it."""
-    lengths = {name: t.shape[0] for name, t in tensors.items() if t is not None}
+    # int(): under jit tracing shapes are tensors, and two equal tensors are distinct set members.
+    lengths = {name: int(t.shape[0]) for name, t in tensors.items() if t is not None}
     if len(set(lengths.values())) > 1:
         described = ", ".join(f"{n} has {k}" for n, k in lengths.items())
         raise ValueError(f"data of different lengths: {described} rows; they must match")

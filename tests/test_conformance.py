@@ -3,10 +3,12 @@
 import pytest
 
 from bmm_ppl.inference import Exact
+from bmm_ppl.inference.svi import SVI
 from bmm_ppl.testing import check_engine
 
 ENGINES = {
     "Exact": lambda: Exact(),
+    "SVI": lambda: SVI("mvn", progress=False),
 }
 
 

@@ -8,8 +8,11 @@ from bmm_ppl.inference.errors import (
 )
 from bmm_ppl.inference.evidence import Evidence, EvidenceMethod
 from bmm_ppl.inference.exact import Exact, OnBoundary
+from bmm_ppl.inference.guides import GuideLatents, StoredDrawLatents  # registers the "draws" kind for loading
+from bmm_ppl.inference.iwae import iwae_bound
 from bmm_ppl.inference.latents import GaussianLatents, LatentDistribution
 from bmm_ppl.inference.posterior import Posterior
+from bmm_ppl.inference.svi import SVI
 
 __all__ = [
     "DivergenceError",
@@ -17,6 +20,10 @@ __all__ = [
     "EvidenceMethod",
     "Exact",
     "GaussianLatents",
+    "GuideLatents",
+    "SVI",
+    "StoredDrawLatents",
+    "iwae_bound",
     "HyperparameterBoundaryError",
     "HyperparameterBoundaryWarning",
     "LatentDistribution",

@@ -167,7 +167,8 @@ class Posterior:
     def _some_tensor(self) -> torch.Tensor:
         if self._draws:
             return next(iter(self._draws.values()))
-        return self.latent_distribution.state_dict()["loc"]
+        # One draw tells the device and dtype, whatever the distribution keeps inside.
+        return next(iter(self.latent_distribution.sample(1).values()))
 
     # ---------------------------------------------------------- persistence
     def state_dict(self) -> dict:

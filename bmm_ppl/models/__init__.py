@@ -1,5 +1,6 @@
 """Models as Pyro programs, and builders for the common ones."""
 
+from bmm_ppl.models.bnn import BayesianNeuralNetwork, Likelihood, WeightPrior
 from bmm_ppl.models.features import IdentityFeatures, PolynomialFeatures, RBFFeatures, polynomial_features, rbf_features
 from bmm_ppl.models.hyperparameters import Fixed, Hyperprior, Learned, as_hyperparameter, hyperparameter_site
 from bmm_ppl.models.linear_regression import BayesianLinearRegression, LinearGaussianForm
@@ -16,6 +17,9 @@ from bmm_ppl.models.multitask import (
 
 __all__ = [
     "BayesianLinearRegression",
+    "BayesianNeuralNetwork",
+    "Likelihood",
+    "WeightPrior",
     "GaussianLinearForm",
     "HierarchicalTasks",
     "IndependentTasks",

@@ -1,0 +1,214 @@
+"""The functional core of :class:`~bmm_ppl.inference.SVI`: a differentiable ELBO, and ``init`` / ``step``.
+
+``elbo_loss`` estimates ``-ELBO`` of a (model, guide) pair from traces, vectorised over particles.
+``init`` gathers the unconstrained parameter leaves an objective touches and builds the optimiser state;
+``step`` takes one stochastic gradient step and returns ``(state, info)``. The loop, the progress bar and
+the bookkeeping live in :class:`~bmm_ppl.inference.SVI`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Callable
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.poutine.util import site_is_subsample
+
+from bmm_ppl._enums import StrEnum
+
+PARTICLE_PLATE = "_bmm_particles"
+
+
+class Schedule(StrEnum):
+    """Learning-rate schedules over ``num_steps``."""
+
+    CONSTANT = "constant"
+    # constant for the first half, then a cosine decay to ``final_lr_fraction`` of the rate
+    COSINE = "cosine"
+
+
+def learning_rate(step: int, num_steps: int, lr: float, schedule: Schedule, final_lr_fraction: float = 0.01) -> float:
+    """The learning rate at ``step`` (0-based) of ``num_steps``.
+
+    Example:
+        >>> learning_rate(0, 100, 0.1, Schedule.COSINE), round(learning_rate(99, 100, 0.1, Schedule.COSINE), 4)
+        (0.1, 0.001)
+    """
+    if schedule is Schedule.CONSTANT or num_steps < 2:
+        return lr
+    half = num_steps // 2
+    if step < half:
+        return lr
+    progress = (step - half) / max(num_steps - 1 - half, 1)
+    return lr * (final_lr_fraction + (1 - final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def vectorised(fn: Callable, num_particles: int, max_plate_nesting: int, device) -> Callable:
+    if num_particles == 1:
+        return fn
+
+    def wrapped(*args, **kwargs):
+        with pyro.plate(PARTICLE_PLATE, num_particles, dim=-max_plate_nesting - 1, device=device):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def per_particle(log_prob: torch.Tensor, num_particles: int, max_plate_nesting: int) -> torch.Tensor:
+    """Sums a site's (scaled) log-density over the model's plates, keeping the particle dimension."""
+    if num_particles == 1 or log_prob.dim() <= max_plate_nesting:
+        return log_prob.sum()
+    dims = tuple(range(log_prob.dim() - max_plate_nesting, log_prob.dim()))
+    return log_prob.sum(dims).reshape(-1) if dims else log_prob.reshape(-1)
+
+
+def traced_log_weights(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    num_particles: int,
+    max_plate_nesting: int,
+    device=None,
+) -> tuple[torch.Tensor, torch.Tensor, poutine.Trace, poutine.Trace]:
+    """``log p(x, z) - log q(z)`` per particle ``z ~ q`` (one vectorised run), and the score-function term.
+
+    Returns:
+        ``(log_weights, score, model_trace, guide_trace)``: ``log_weights`` is Tensor[P] (a scalar when
+        ``P == 1``); ``score`` sums ``log q`` over the guide sites that cannot be reparameterised, per
+        particle (``None`` when all can).
+    """
+    guide_run = vectorised(guide, num_particles, max_plate_nesting, device)
+    model_run = vectorised(model, num_particles, max_plate_nesting, device)
+    guide_trace = poutine.trace(guide_run).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model_run, trace=guide_trace)).get_trace(*args, **kwargs)
+    model_trace.compute_log_prob()
+    guide_trace.compute_log_prob()
+    log_weights, score = 0.0, 0.0
+    for site in model_trace.nodes.values():
+        if site["type"] == "sample" and not site_is_subsample(site):
+            log_weights = log_weights + per_particle(site["log_prob"], num_particles, max_plate_nesting)
+    for site in guide_trace.nodes.values():
+        if site["type"] == "sample" and not site_is_subsample(site):
+            log_q = per_particle(site["log_prob"], num_particles, max_plate_nesting)
+            log_weights = log_weights - log_q
+            if not getattr(site["fn"], "has_rsample", False):
+                score = score + log_q
+    if not isinstance(log_weights, torch.Tensor):
+        raise ValueError("the model and guide have no sample sites: there is nothing to infer")
+    return log_weights, (score if isinstance(score, torch.Tensor) else None), model_trace, guide_trace
+
+
+def elbo_loss(
+    model: Callable, guide: Callable, args: tuple, kwargs: dict, num_particles: int, max_plate_nesting: int, device=None
+) -> torch.Tensor:
+    """``-ELBO`` estimated with ``num_particles`` vectorised particles; its gradient is unbiased.
+
+    Reparameterised guide sites give pathwise gradients; others add a score-function (REINFORCE) term
+    whose value is zero, so the returned number is the plain ``-ELBO`` estimate.
+    """
+    log_weights, score, _, _ = traced_log_weights(model, guide, args, kwargs, num_particles, max_plate_nesting, device)
+    if score is None:
+        return -log_weights.mean()
+    reinforce = score * log_weights.detach()
+    return -(log_weights + reinforce - reinforce.detach()).mean()
+
+
+@dataclasses.dataclass
+class SVIState:
+    """The optimiser's state.
+
+    Attributes:
+        params: the unconstrained parameter leaves (the very tensors Pyro's param store holds).
+        optimizer: a ``torch.optim.Optimizer`` over ``params``.
+        step: steps taken.
+        averaged: running means of ``params`` over the averaging phase (``None`` before it starts).
+        num_averaged: how many iterates the means hold.
+    """
+
+    params: tuple
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    averaged: tuple | None = None
+    num_averaged: int = 0
+
+
+def collect_params(objective: Callable[[], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Runs ``objective()`` once and returns ``{name: unconstrained leaf}`` of every ``pyro.param`` it reads."""
+    with poutine.trace(param_only=True) as capture:
+        objective()
+    return {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
+
+
+def init(params: dict[str, torch.Tensor], optimizer_factory: Callable) -> SVIState:
+    """A fresh :class:`SVIState` over ``params`` (see :func:`collect_params`).
+
+    Args:
+        params: ``{name: unconstrained leaf tensor}``.
+        optimizer_factory: ``list[Tensor] -> torch.optim.Optimizer``.
+    """
+    leaves = tuple(params.values())
+    if not leaves:
+        raise ValueError("the model and guide have no parameters to fit")
+    return SVIState(leaves, optimizer_factory(list(leaves)))
+
+
+def step(state: SVIState, loss_fn: Callable[[], torch.Tensor], lr: float, average: bool = False) -> tuple[SVIState, dict]:
+    """One gradient step on ``loss_fn()`` at learning rate ``lr``; with ``average``, folds the new iterate
+    into the running mean.
+
+    Returns:
+        ``(state, {"loss": Tensor[]})``; the loss stays on its device (no synchronisation).
+    """
+    loss = loss_fn()
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    state.optimizer.step()
+    if average:
+        with torch.no_grad():
+            if state.averaged is None:
+                state.averaged = tuple(p.detach().clone() for p in state.params)
+                state.num_averaged = 1
+            else:
+                state.num_averaged += 1
+                torch._foreach_lerp_(list(state.averaged), [p.detach() for p in state.params], 1.0 / state.num_averaged)
+    state.step += 1
+    return state, {"loss": loss.detach()}
+
+
+def finalize(state: SVIState) -> SVIState:
+    """Writes the averaged iterate (where there is one) into the parameters."""
+    if state.averaged is not None:
+        with torch.no_grad():
+            for p, mean in zip(state.params, state.averaged):
+                p.copy_(mean)
+    return state
+
+
+def compile_loss(loss_fn: Callable, params: tuple, inputs: tuple) -> Callable:
+    """``torch.jit.trace`` of ``loss_fn(*inputs)`` with the parameter leaves and tensor inputs as graph inputs.
+
+    The traced graph replays the model's and guide's tensor operations without Pyro's tracing machinery;
+    Python control flow is frozen at the first call, so only models whose structure does not depend on
+    the data values may use it. Returns ``f(*inputs) -> loss``.
+    """
+    count = len(params)
+
+    def flat(*params_and_inputs):
+        return loss_fn(*params_and_inputs[count:])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pyro.validation_enabled(False):
+            compiled = torch.jit.trace(flat, tuple(params) + tuple(inputs), check_trace=False)
+
+    def run(*inputs):
+        return compiled(*params, *inputs)
+
+    return run
