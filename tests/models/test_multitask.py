@@ -180,3 +180,34 @@ def test_multitask_exact_follows_the_data_device(meta_default_device):
     post = Exact().fit(MultiTaskRegression(RelatedTasks(), 6, NO_BIAS), x, task, y)
     assert post.samples(3)["W"].device.type == "cpu"
     assert post.hyperparameters["task_covariance"].device.type == "cpu"
+
+
+# ------------------------------------------------------------------- variational vs exact
+def small_related_problem():
+    x, task, y, _ = task_data(6, per_task=5, num_tasks=3, num_features=2, covariance=clustered_covariance(3))
+    structure = RelatedTasks(clustered_covariance(3), torch.tensor([1.0, 2.0], dtype=F64))
+    return MultiTaskRegression(structure, 3, NO_BIAS, noise_variance=0.09), (x, task, y)
+
+
+def test_svi_evidence_is_within_0_1_nats_of_exact_on_a_linear_gaussian_member():
+    from bmm_ppl.inference import SVI
+
+    model, data = small_related_problem()
+    exact = Exact().fit(model, *data).log_evidence.value
+    elbo = SVI("mvn", progress=False).fit(model, *data).log_evidence
+    # The full-rank guide contains the exact (Gaussian) posterior: the gap is optimisation error only.
+    assert elbo.value <= exact + 3 * elbo.stderr
+    assert exact - elbo.value < 0.1
+
+
+@pytest.mark.slow
+def test_svi_evidence_matches_exact_on_the_six_task_related_model():
+    from bmm_ppl.inference import SVI
+
+    x, task, y, _ = task_data(0, per_task=6)
+    model = MultiTaskRegression(RelatedTasks(clustered_covariance(), torch.ones(3, dtype=F64)), 6, NO_BIAS, 0.09)
+    exact = Exact().fit(model, x, task, y).log_evidence.value
+    elbo = SVI("mvn", num_steps=12000, progress=False).fit(model, x, task, y).log_evidence
+    # Measured 0.03 nats short with 12000 steps (0.15 with the default 3000: 18 correlated weights).
+    assert elbo.value <= exact + 3 * elbo.stderr
+    assert exact - elbo.value < 0.1
