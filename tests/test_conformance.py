@@ -3,11 +3,13 @@
 import pytest
 
 from bmm_ppl.inference import Exact
+from bmm_ppl.inference.kalman import Kalman
 from bmm_ppl.inference.svi import SVI
 from bmm_ppl.testing import check_engine
 
 ENGINES = {
     "Exact": lambda: Exact(),
+    "Kalman": lambda: Kalman(progress=False),
     "SVI": lambda: SVI("mvn", progress=False),
 }
 

@@ -10,6 +10,7 @@ from bmm_ppl.inference.evidence import Evidence, EvidenceMethod
 from bmm_ppl.inference.exact import Exact, OnBoundary
 from bmm_ppl.inference.guides import GuideLatents, StoredDrawLatents  # registers the "draws" kind for loading
 from bmm_ppl.inference.iwae import iwae_bound
+from bmm_ppl.inference.kalman import Kalman, SmoothedStates  # registers the smoothed-states kind for loading
 from bmm_ppl.inference.latents import GaussianLatents, LatentDistribution
 from bmm_ppl.inference.posterior import Posterior
 from bmm_ppl.inference.svi import SVI
@@ -26,7 +27,9 @@ __all__ = [
     "iwae_bound",
     "HyperparameterBoundaryError",
     "HyperparameterBoundaryWarning",
+    "Kalman",
     "LatentDistribution",
+    "SmoothedStates",
     "OnBoundary",
     "Posterior",
     "UnsupportedModelError",

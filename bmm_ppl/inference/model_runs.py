@@ -58,9 +58,22 @@ class ModelStructure:
         return [n for n, s in self.sites.items() if s.is_observed]
 
 
+_MODULE_SEPARATOR = "$$$"  # how pyro.module names the params of an nn.Module
+
+
+def with_hyperparameters(model: Callable, hyperparameters: dict | None) -> Callable:
+    """The model with its ``pyro.param`` sites fixed to ``hyperparameters``.
+
+    Parameters of an ``nn.Module`` registered with ``pyro.module`` are left out: they live in the module
+    itself (which the fit trained in place), and Pyro's substitution cannot reach them.
+    """
+    values = {n: v for n, v in (hyperparameters or {}).items() if _MODULE_SEPARATOR not in n}
+    return poutine.substitute(model, data=values) if values else model
+
+
 def inspect_model(model: Callable, args: tuple, kwargs: dict, hyperparameters: dict | None = None) -> ModelStructure:
     """Runs ``model(*args, **kwargs)`` once (params substituted where given) and records its structure."""
-    runnable = poutine.substitute(model, data=hyperparameters) if hyperparameters else model
+    runnable = with_hyperparameters(model, hyperparameters)
     trace = poutine.trace(runnable).get_trace(*args, **kwargs)
     sites, params, deterministic, nesting = {}, {}, {}, 0
     for name, site in trace.nodes.items():
@@ -124,7 +137,7 @@ def run_under_draws(
             with pyro.plate(_DRAW_PLATE, num_draws, dim=-nesting - 1):
                 return model(*a, **k)
 
-        conditioned = poutine.condition(poutine.substitute(vectorised, data=hyperparameters), data=reshaped)
+        conditioned = poutine.condition(with_hyperparameters(vectorised, hyperparameters), data=reshaped)
         trace = poutine.trace(conditioned).get_trace(*args, **kwargs)
         for name, info in structure.sites.items():
             if name in draws:
@@ -138,7 +151,7 @@ def run_under_draws(
         traces = []
         for i in range(num_draws):
             draw = {n: v[i] for n, v in draws.items()}
-            conditioned = poutine.condition(poutine.substitute(model, data=hyperparameters), data=draw)
+            conditioned = poutine.condition(with_hyperparameters(model, hyperparameters), data=draw)
             traces.append(poutine.trace(conditioned).get_trace(*args, **kwargs))
         return traces, False
 
@@ -235,7 +248,7 @@ def redraw_observed(model: Callable, names) -> Callable:
 
 def observed_values(model: Callable, args: tuple, kwargs: dict, hyperparameters: dict | None = None) -> dict:
     """``{site: observed value}`` for every observed site of the model run on these arguments."""
-    runnable = poutine.substitute(model, data=hyperparameters or {})
+    runnable = with_hyperparameters(model, hyperparameters)
     trace = poutine.trace(runnable).get_trace(*args, **kwargs)
     return {
         name: site["value"]

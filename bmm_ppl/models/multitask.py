@@ -202,7 +202,10 @@ class MultiTaskRegression:
     Args:
         structure: a :class:`TaskStructure` (the prior over the task weights).
         num_tasks: K.
-        features: feature map ``x -> Tensor[n, d]`` (default: the inputs with a constant).
+        features: feature map ``x -> Tensor[n, d]`` (default: the inputs with a constant). An
+            ``nn.Module`` makes the deep variant: a shared trunk whose weights SVI learns jointly with the
+            Bayesian task heads (tied by ``structure``) and the per-task noise variances (homoscedastic
+            task weighting: a noisier task weighs less).
         noise_variance: per-task noise variances (Tensor[K]); ``None`` learns them (type-II), a number
             fixes them all.
         noncentred: sample standardised weights ``"W_std"`` and form ``"W"`` deterministically
@@ -228,7 +231,7 @@ class MultiTaskRegression:
         self.noise_variance = as_hyperparameter("noise_variance", noise_variance)
         self.noncentred = noncentred
 
-    def _checked(self, x, task, y):
+    def _checked(self, x, task, y, require_every_task: bool = False):
         check_tensor("x", x, dim=(1, 2))
         check_tensor("task", task, dim=1, finite=False)
         if task.is_floating_point() or task.dtype == torch.bool:
@@ -239,8 +242,9 @@ class MultiTaskRegression:
             check_tensor("y", y, dim=1)
         if task.device.type != "meta" and task.numel() and (int(task.min()) < 0 or int(task.max()) >= self.num_tasks):
             raise ValueError(f"task labels must lie in [0, {self.num_tasks}), got range [{int(task.min())}, {int(task.max())}]")
-        if y is not None and task.device.type != "meta" and task.numel():
-            # Fitting needs every task; predicting for a subset of tasks is fine.
+        if require_every_task and task.device.type != "meta" and task.numel():
+            # The exact path fits all tasks at once and needs data for each; a minibatch under SVI or a
+            # prediction may well cover a subset of the tasks.
             missing = sorted(set(range(self.num_tasks)) - set(task.unique().tolist()))
             if missing:
                 raise ValueError(f"tasks {missing} have no data; every one of the {self.num_tasks} tasks needs examples")
@@ -254,6 +258,9 @@ class MultiTaskRegression:
         return self.structure.slots(self.num_tasks, num_features) + [noise]
 
     def __call__(self, x, task, y=None):
+        if isinstance(self.features, torch.nn.Module):
+            # A neural trunk: its weights are learned jointly (type-II) by SVI.
+            pyro.module("features", self.features)
         phi = self._checked(x, task, y)
         d = phi.shape[-1]
         values = {slot.name: _slot_value(slot, phi) for slot in self.slots(d)}
@@ -288,7 +295,7 @@ class MultiTaskRegression:
         """The linear-Gaussian structure at the given values of the learned hyperparameters."""
         if y is None:
             raise ValueError("y is required: the evidence is of observed data")
-        phi = self._checked(x, task, y)
+        phi = self._checked(x, task, y, require_every_task=True)
         d = phi.shape[-1]
         values = {}
         for slot in self.slots(d):

@@ -1,0 +1,28 @@
+"""Tutorial 04 runs end to end in quick mode, saves its figures and measures sensible numbers."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+TUTORIAL = pathlib.Path(__file__).resolve().parents[2] / "tutorials" / "04_state_space.py"
+
+
+def load_tutorial():
+    spec = importlib.util.spec_from_file_location("tutorial_04_state_space", TUTORIAL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tutorial_04_quick(tmp_path):
+    pytest.importorskip("statsmodels")
+    results = load_tutorial().main(tmp_path, quick=True)
+    for key in ("nile_figure", "hmm_figure", "pendulum_figure"):
+        assert pathlib.Path(results[key]).exists() and pathlib.Path(results[key]).stat().st_size > 0
+    # The Nile MLE (known initialisation, see the tests of the Kalman engine) is about 15100 and 1460.
+    assert 13000 < results["nile_observation_var"] < 17000
+    assert 1000 < results["nile_level_var"] < 2000
+    assert -660 < results["nile_log_evidence_local_level"] < -620
+    assert results["hmm_viterbi_accuracy"] > 0.8
+    assert results["pendulum_rmse_ekf"] < 0.05 and results["pendulum_rmse_ukf"] < 0.05
