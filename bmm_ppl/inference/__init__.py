@@ -8,6 +8,7 @@ from bmm_ppl.inference.errors import (
 )
 from bmm_ppl.inference.evidence import Evidence, EvidenceMethod
 from bmm_ppl.inference.exact import Exact, OnBoundary
+from bmm_ppl.inference.gp_evidence import GPEvidence
 from bmm_ppl.inference.guides import GuideLatents, StoredDrawLatents  # registers the "draws" kind for loading
 from bmm_ppl.inference.iwae import iwae_bound
 from bmm_ppl.inference.kalman import Kalman, SmoothedStates  # registers the smoothed-states kind for loading
@@ -20,6 +21,7 @@ __all__ = [
     "Evidence",
     "EvidenceMethod",
     "Exact",
+    "GPEvidence",
     "GaussianLatents",
     "GuideLatents",
     "SVI",

@@ -58,3 +58,15 @@ __all__ = [
     "polynomial_features",
     "rbf_features",
 ]
+
+
+_INVARIANCE_EXPORTS = ("InvariantKernel", "AffineImageTransform", "FunctionTransform", "FiniteGroup", "GPRegression")
+
+
+def __getattr__(name):
+    # The invariant-kernel models import GPyTorch: load them only when asked for.
+    if name in _INVARIANCE_EXPORTS:
+        from bmm_ppl.models import invariance
+
+        return getattr(invariance, name)
+    raise AttributeError(f"module 'bmm_ppl.models' has no attribute {name!r}")
