@@ -19,7 +19,9 @@ def check_tensor(name: str, value, *, dim: tuple[int, ...] | int | None = None, 
         if value.dim() not in allowed:
             want = " or ".join(f"{d}-D" for d in allowed)
             raise ValueError(f"{name} must be {want}, got shape {tuple(value.shape)}")
-    if finite and value.device.type != "meta" and value.is_floating_point():
+    # Value checks are skipped while tracing (jit capture of a potential): the data were checked when
+    # the model was first run, and a data-dependent branch would freeze into the graph.
+    if finite and value.device.type != "meta" and value.is_floating_point() and not torch.jit.is_tracing():
         bad = ~torch.isfinite(value)
         if bad.any():
             kind = "NaN" if torch.isnan(value).any() else "infinite values"

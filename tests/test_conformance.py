@@ -3,6 +3,7 @@
 import pytest
 
 from bmm_ppl.inference import Exact
+from bmm_ppl.inference.hmc import NUTS
 from bmm_ppl.inference.kalman import Kalman
 from bmm_ppl.inference.svi import SVI
 from bmm_ppl.testing import check_engine
@@ -10,6 +11,7 @@ from bmm_ppl.testing import check_engine
 ENGINES = {
     "Exact": lambda: Exact(),
     "Kalman": lambda: Kalman(progress=False),
+    "NUTS": lambda: NUTS(num_samples=400, warmup_steps=200, num_chains=4, evidence="bridge", progress=False),
     "SVI": lambda: SVI("mvn", progress=False),
 }
 

@@ -1,0 +1,127 @@
+"""NUTS effective samples per second on Bayesian logistic regression (breast cancer, 31 coefficients).
+
+Compares ``bmm_ppl.inference.NUTS`` (plain and ``jit=True``) with Pyro's ``MCMC(NUTS)`` (plain and
+``jit_compile=True``) and, where installed, NumPyro's NUTS, all on the same data in one run: 1 chain,
+500 warm-up + 1000 draws. ESS/s = min bulk ESS over the coefficients (ArviZ) / wall time, warm-up and
+any compilation included. Prints a table of ratios against the peers.
+
+Run: ``python benchmarks/nuts_ess_per_second.py [--quick] [--skip-pyro]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import arviz as az
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from sklearn.datasets import load_breast_cancer
+
+from bmm_ppl.inference.hmc import NUTS
+
+
+def data(dtype=torch.float64):
+    features, labels = load_breast_cancer(return_X_y=True)
+    features = (features - features.mean(0)) / features.std(0)
+    features = np.concatenate([np.ones((len(features), 1)), features], 1)  # 30 features + intercept = 31
+    return torch.tensor(features, dtype=dtype), torch.tensor(labels, dtype=dtype)
+
+
+def model(x, y):
+    w = pyro.sample("w", dist.Normal(torch.zeros(x.shape[1], dtype=x.dtype, device=x.device), 1.0).to_event(1))
+    with pyro.plate("data", x.shape[0], device=x.device):
+        pyro.sample("obs", dist.Bernoulli(logits=(x * w).sum(-1)), obs=y)
+
+
+def min_ess(draws: np.ndarray) -> float:
+    """draws: (chain, draw, 31)."""
+    return float(az.ess(az.convert_to_dataset({"w": draws}), method="bulk")["w"].values.min())
+
+
+def run_ours(x, y, warmup, samples, jit):
+    pyro.set_rng_seed(0)
+    start = time.perf_counter()
+    post = NUTS(num_samples=samples, warmup_steps=warmup, num_chains=1, jit=jit, progress=False).fit(model, x, y)
+    seconds = time.perf_counter() - start
+    return min_ess(post.draws()["w"].numpy()), seconds, post.diagnostics["num_gradient_evaluations"]
+
+
+def run_pyro(x, y, warmup, samples, jit):
+    from pyro.infer import MCMC
+    from pyro.infer import NUTS as PyroNUTS
+
+    pyro.set_rng_seed(0)
+    start = time.perf_counter()
+    mcmc = MCMC(PyroNUTS(model, jit_compile=jit, ignore_jit_warnings=True), num_samples=samples,
+                warmup_steps=warmup, num_chains=1, disable_progbar=True)
+    mcmc.run(x, y)
+    seconds = time.perf_counter() - start
+    return min_ess(mcmc.get_samples(group_by_chain=True)["w"].numpy()), seconds, None
+
+
+def run_numpyro(x, y, warmup, samples):
+    import jax
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as ndist
+    from numpyro.infer import MCMC as NMCMC
+    from numpyro.infer import NUTS as NNUTS
+
+    jax.config.update("jax_enable_x64", True)
+
+    def nmodel(x, y):
+        w = numpyro.sample("w", ndist.Normal(jnp.zeros(x.shape[1]), 1.0).to_event(1))
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("obs", ndist.Bernoulli(logits=x @ w), obs=y)
+
+    xs, ys = jnp.asarray(x.numpy()), jnp.asarray(y.numpy())
+    start = time.perf_counter()
+    mcmc = NMCMC(NNUTS(nmodel), num_warmup=warmup, num_samples=samples, num_chains=1, progress_bar=False)
+    mcmc.run(jax.random.PRNGKey(0), xs, ys)
+    w = np.asarray(mcmc.get_samples(group_by_chain=True)["w"])
+    seconds = time.perf_counter() - start
+    return min_ess(w), seconds, None
+
+
+def main(quick: bool = False, skip_pyro: bool = False) -> dict:
+    torch.set_num_threads(1)
+    warmup, samples = (100, 200) if quick else (500, 1000)
+    x, y = data()
+    runs = {
+        "bmm NUTS": lambda: run_ours(x, y, warmup, samples, jit=False),
+        "bmm NUTS jit": lambda: run_ours(x, y, warmup, samples, jit=True),
+    }
+    if not skip_pyro:
+        runs["Pyro MCMC(NUTS)"] = lambda: run_pyro(x, y, warmup, samples, jit=False)
+        runs["Pyro MCMC(NUTS) jit"] = lambda: run_pyro(x, y, warmup, samples, jit=True)
+    try:
+        import numpyro  # noqa: F401
+
+        runs["NumPyro NUTS"] = lambda: run_numpyro(x, y, warmup, samples)
+    except ImportError:
+        print("NumPyro not installed: skipped")
+    results = {}
+    for name, run in runs.items():
+        ess, seconds, grads = run()
+        results[name] = {"min_bulk_ess": ess, "seconds": seconds, "ess_per_second": ess / seconds, "gradients": grads}
+        print(f"{name:22s} min ESS {ess:7.1f}  time {seconds:7.1f} s  ESS/s {ess / seconds:7.2f}", flush=True)
+    print("\nratios (ESS/s of bmm NUTS over the peer; 2-core CPU, 1 chain, "
+          f"{warmup} warm-up + {samples} draws):")
+    for ours in ("bmm NUTS", "bmm NUTS jit"):
+        for peer in results:
+            if peer.startswith("bmm"):
+                continue
+            ratio = results[ours]["ess_per_second"] / results[peer]["ess_per_second"]
+            print(f"  {ours:14s} / {peer:22s} = {ratio:6.2f}")
+    return results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="100 warm-up + 200 draws")
+    parser.add_argument("--skip-pyro", action="store_true", help="leave Pyro's (slow) sampler out")
+    options = parser.parse_args()
+    main(options.quick, options.skip_pyro)

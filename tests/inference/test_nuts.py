@@ -1,0 +1,220 @@
+"""NUTS and HMC against exact answers: the conjugate linear regression, a constrained site, a raw potential.
+
+Tolerances (ENGINEERING.md): a mean is checked to within 4 Monte-Carlo standard errors, MCSE = sd / sqrt(ESS)
+with ArviZ's bulk ESS; a standard deviation to within 10% (its relative MCSE is about 1/sqrt(2 ESS), under
+3% for ESS >= 600, so 10% is over 3 MCSE).
+"""
+
+import arviz as az
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from bmm_ppl.inference import Exact, UnsupportedModelError
+from bmm_ppl.inference.hmc import HMC, NUTS, DivergentTransitionWarning
+from bmm_ppl.models import BayesianLinearRegression, polynomial_features
+from tests.conftest import default_device
+
+
+def regression_data(n=20, dtype=torch.float64, device="cpu"):
+    generator = torch.Generator().manual_seed(1)
+    x = torch.linspace(-1, 1, n, dtype=dtype)
+    y = 0.5 + 1.5 * x + 0.3 * torch.randn(n, generator=generator, dtype=dtype)
+    return x.to(device), y.to(device)
+
+
+def bulk_ess(draws: torch.Tensor) -> np.ndarray:
+    """draws: (chain, draw, d) -> ESS per coordinate."""
+    data = az.convert_to_dataset({"w": draws.detach().cpu().double().numpy()})
+    return np.atleast_1d(az.ess(data, method="bulk")["w"].values)
+
+
+def rhat(draws: torch.Tensor) -> np.ndarray:
+    data = az.convert_to_dataset({"w": draws.detach().cpu().double().numpy()})
+    return np.atleast_1d(az.rhat(data)["w"].values)
+
+
+def assert_matches(draws: torch.Tensor, mean: torch.Tensor, sd: torch.Tensor):
+    """Means within 4 MCSE and sds within 10% of the exact ones; draws (chain, draw, d)."""
+    flat = draws.reshape(-1, draws.shape[-1]).double().cpu()
+    ess = torch.as_tensor(bulk_ess(draws))
+    mcse = sd.cpu() / ess.sqrt()
+    assert ((flat.mean(0) - mean.cpu()).abs() < 4 * mcse).all(), (flat.mean(0), mean, mcse)
+    assert ((flat.std(0) / sd.cpu() - 1).abs() < 0.10).all(), (flat.std(0), sd)
+
+
+def exact_moments(model, x, y):
+    state = Exact().fit(model, x, y).latent_distribution.state_dict()
+    factor = state["scale_tril"] if "scale_tril" in state else None
+    return state, factor
+
+
+def exact_mean_sd(model, x, y):
+    samples = Exact().fit(model, x, y).samples(200_000)["w"]
+    return samples.mean(0), samples.std(0)
+
+
+def test_nuts_recovers_the_conjugate_posterior_with_several_chains():
+    x, y = regression_data()
+    model = BayesianLinearRegression(polynomial_features(1), alpha=1.0, beta=10.0)
+    mean, sd = exact_mean_sd(model, x, y)  # 200k exact draws: their own error is < 0.3% of sd
+    post = NUTS(num_samples=400, warmup_steps=200, num_chains=4, progress=False).fit(model, x, y)
+    w = post.draws()["w"]
+    assert w.shape == (4, 400, 2) and w.dtype == torch.float64
+    assert_matches(w, mean, sd)
+    assert (rhat(w) <= 1.01).all()
+    for name in ("diverging", "accept_prob", "step_size", "tree_depth", "num_steps", "potential_energy"):
+        assert post.sample_stats[name].shape == (4, 400)
+    assert post.diagnostics["num_divergences"] == 0
+    assert post.engine == "NUTS"
+
+
+@pytest.mark.slow
+def test_nuts_recovers_a_correlated_cubic_posterior():
+    x, y = regression_data(30)
+    model = BayesianLinearRegression(polynomial_features(3), alpha=1.0, beta=10.0)
+    mean, sd = exact_mean_sd(model, x, y)
+    post = NUTS(num_samples=1000, warmup_steps=500, num_chains=4, progress=False).fit(model, x, y)
+    w = post.draws()["w"]
+    assert_matches(w, mean, sd)
+    assert (rhat(w) <= 1.01).all()
+
+
+def gamma_model():
+    pyro.sample("s", dist.Gamma(torch.tensor(3.0, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("engine", [NUTS, HMC])
+def test_constrained_site_is_sampled_with_its_jacobian(engine):
+    # Gamma(3, 2): mean 1.5, sd sqrt(3)/2. Without the log-Jacobian of exp the mean would be 1.0.
+    post = engine(num_samples=1000, warmup_steps=300, num_chains=2, progress=False).fit(gamma_model)
+    s = post.draws()["s"].unsqueeze(-1)
+    assert (s > 0).all()
+    assert_matches(s, torch.tensor([1.5], dtype=torch.float64), torch.tensor([3**0.5 / 2], dtype=torch.float64))
+
+
+def test_float32_and_deterministic_sites():
+    def model(y):
+        loc = pyro.sample("loc", dist.Normal(torch.zeros((), dtype=y.dtype), 10.0))
+        pyro.deterministic("twice", 2 * loc)
+        with pyro.plate("data", len(y)):
+            pyro.sample("obs", dist.Normal(loc, 1.0), obs=y)
+
+    y = torch.tensor([0.5, 1.5, 1.0], dtype=torch.float32)
+    post = NUTS(num_samples=50, warmup_steps=50, num_chains=2, progress=False).fit(model, y)
+    draws = post.draws()
+    assert draws["loc"].dtype == torch.float32 and draws["twice"].shape == (2, 50)
+    torch.testing.assert_close(draws["twice"], 2 * draws["loc"])
+
+
+def test_run_potential_samples_a_raw_density():
+    scales = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+
+    def potential(z):
+        return 0.5 * ((z / scales) ** 2).sum(-1)
+
+    post = NUTS(num_samples=600, warmup_steps=200, num_chains=2, progress=False).run_potential(
+        potential, torch.zeros(3, dtype=torch.float64)
+    )
+    z = post.draws()["z"]
+    assert z.shape == (2, 600, 3) and post.model is None
+    assert_matches(z, torch.zeros(3, dtype=torch.float64), scales)
+
+
+def funnel():
+    v = pyro.sample("v", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 3.0))
+    with pyro.plate("units", 9):
+        pyro.sample("x", dist.Normal(torch.tensor(0.0, dtype=torch.float64), torch.exp(v / 2)))
+
+
+def test_centred_funnel_reports_divergences():
+    # Short chains rarely reach the funnel's neck, so run 16 of them (one batched potential call per step)
+    # with a tree depth of 5 to stay fast; chains that do reach it blow up the energy error.
+    engine = NUTS(num_samples=60, warmup_steps=60, num_chains=16, max_tree_depth=5, progress=False)
+    with pytest.warns(DivergentTransitionWarning, match="diverged"):
+        post = engine.fit(funnel)
+    assert post.sample_stats["diverging"].dtype == torch.bool
+    assert post.diagnostics["num_divergences"] == int(post.sample_stats["diverging"].sum()) > 0
+
+
+def test_jit_capture_gives_the_same_chain():
+    x, y = regression_data()
+
+    def model(x, y):
+        w = pyro.sample("w", dist.Normal(torch.zeros(2, dtype=x.dtype), 1.0).to_event(1))
+        with pyro.plate("data", len(x)):
+            pyro.sample("obs", dist.Normal(w[..., :1] + w[..., 1:] * x, 0.3), obs=y)
+
+    runs = {}
+    for jit in (False, True):
+        pyro.set_rng_seed(3)
+        runs[jit] = NUTS(num_samples=30, warmup_steps=30, num_chains=2, jit=jit, progress=False).fit(model, x, y)
+    assert runs[True].diagnostics["jit"] == "graph"
+    torch.testing.assert_close(runs[True].draws()["w"], runs[False].draws()["w"], rtol=1e-6, atol=1e-8)
+
+
+def test_device_discipline():
+    # Data on the CPU, default device "meta": any tensor the engine creates without the data's device fails.
+    x, y = regression_data()
+    model = BayesianLinearRegression(polynomial_features(1), alpha=1.0, beta=10.0)
+    with default_device("meta"):
+        post = NUTS(num_samples=20, warmup_steps=60, num_chains=2, progress=False).fit(model, x, y)
+        hmc = HMC(num_samples=10, warmup_steps=60, num_steps=3, progress=False).fit(model, x, y)
+        raw = NUTS(num_samples=10, warmup_steps=10, progress=False).run_potential(
+            lambda z: 0.5 * (z**2).sum(-1), torch.zeros(2, dtype=torch.float64, device="cpu")
+        )
+    assert post.draws()["w"].device.type == "cpu"
+    assert post.sample_stats["diverging"].device.type == "cpu"
+    assert hmc.draws()["w"].device.type == "cpu"
+    assert raw.draws()["z"].device.type == "cpu"
+
+
+@pytest.mark.gpu
+def test_nuts_on_gpu():
+    x, y = regression_data(device="cuda")
+    model = BayesianLinearRegression(polynomial_features(1), alpha=1.0, beta=10.0)
+    post = NUTS(num_samples=100, warmup_steps=100, num_chains=4, progress=False).fit(model, x, y)
+    assert post.draws()["w"].device.type == "cuda"
+    assert post.sample_stats["diverging"].device.type == "cuda"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_samples": 0}, "num_samples"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"num_chains": 1.5}, "num_chains"),
+        ({"target_accept_prob": 1.5}, "target_accept_prob"),
+        ({"max_tree_depth": 0}, "max_tree_depth"),
+        ({"step_size": -0.1}, "step_size"),
+    ],
+)
+def test_bad_settings_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NUTS(**kwargs)
+
+
+def test_bad_models_and_data():
+    x, y = regression_data()
+    model = BayesianLinearRegression(polynomial_features(1), alpha=1.0, beta=10.0)
+    engine = NUTS(num_samples=5, warmup_steps=5, progress=False)
+    with pytest.raises(TypeError, match="model"):
+        engine.fit("not a model", x, y)
+    bad_y = y.clone()
+    bad_y[3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        engine.fit(model, x, bad_y)
+    with pytest.raises(UnsupportedModelError, match="pyro.param"):
+        engine.fit(BayesianLinearRegression(polynomial_features(1), alpha=None, beta=10.0), x, y)
+
+    def discrete():
+        pyro.sample("k", dist.Bernoulli(torch.tensor(0.3)))
+
+    with pytest.raises(UnsupportedModelError, match="discrete"):
+        engine.fit(discrete)
+    with pytest.raises(ValueError, match="init"):
+        engine.run_potential(lambda z: (z**2).sum(-1), torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="one value per row"):
+        engine.run_potential(lambda z: (z**2).sum(), torch.zeros(3))

@@ -1,0 +1,26 @@
+"""Runs tutorial 03 (sampling engines) with quick settings."""
+
+import importlib.util
+import math
+import pathlib
+
+TUTORIAL = pathlib.Path(__file__).resolve().parents[2] / "tutorials" / "03_sampling_engines.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("tutorial_03", TUTORIAL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tutorial_03_quick(tmp_path):
+    results = load().main(tmp_path, quick=True)
+    assert results["figures"] == ["nuts_trace.png", "uncertainty.png"]
+    assert all((tmp_path / name).stat().st_size > 0 for name in results["figures"])
+    assert (tmp_path / "nuts_summary.csv").exists()
+    # Epistemic uncertainty far outside the data dwarfs that inside it.
+    assert results["epistemic_far"] > 5 * results["epistemic_inside"]
+    assert math.isfinite(results["nuts_bridge_log_evidence"]) and results["nuts_bridge_stderr"] > 0
+    assert results["nuts_max_rhat"] < 1.1 and results["nuts_divergences"] == 0
+    assert math.isfinite(results["nuts_elpd_loo"]) and math.isfinite(results["sghmc_elpd_loo"])
