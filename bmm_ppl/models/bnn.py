@@ -185,6 +185,9 @@ class BayesianNeuralNetwork:
             num_data = x.shape[0]
             if self.likelihood is Likelihood.CATEGORICAL:
                 with pyro.plate("data", num_data, dim=-1, device=x.device):
+                    # Recorded so that predictive class probabilities (and distillation) need no
+                    # Monte-Carlo average of one-hot label draws.
+                    pyro.deterministic("logits", out, event_dim=1)
                     return pyro.sample("obs", dist.Categorical(logits=out), obs=y)
             noise = hyperparameter_site("noise", self.noise, like=like)
             per_datum = tuple(out.shape[num_draw_dims + 1 :])  # one datum's outputs
