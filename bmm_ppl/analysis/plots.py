@@ -62,7 +62,7 @@ def plot_predictive_band(posterior, x: torch.Tensor, site: str = "obs", num_samp
         the ``Figure``.
     """
     draws = posterior.predict(x, num_samples=num_samples)[site].detach().double().cpu()
-    lower, upper = torch.quantile(draws, torch.tensor([(1 - prob) / 2, (1 + prob) / 2], dtype=draws.dtype), dim=0)
+    lower, upper = torch.quantile(draws, torch.tensor([(1 - prob) / 2, (1 + prob) / 2], dtype=draws.dtype, device=draws.device), dim=0)
     grid = x.detach().double().cpu()
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 4))

@@ -73,7 +73,7 @@ def _effective_sample_sizes(posterior: Posterior, site: str, num_samples: int) -
     draws = posterior.draws()[site].detach().to("cpu", torch.float64)
     flat = draws.reshape(draws.shape[0], draws.shape[1], -1).numpy()
     ess = [float(az.ess(flat[:, :, j], method="bulk")) for j in range(flat.shape[-1])]
-    return torch.tensor(ess, dtype=torch.float64)
+    return torch.tensor(ess, dtype=torch.float64, device="cpu")
 
 
 def check_moments(posterior: Posterior, oracle: Oracle, num_samples: int = 4000, sd_tolerance: float = 0.1) -> dict:
@@ -91,7 +91,7 @@ def check_moments(posterior: Posterior, oracle: Oracle, num_samples: int = 4000,
         flat = draws.reshape(draws.shape[0], -1)
         ess = _effective_sample_sizes(posterior, site, num_samples)
         if ess is None:
-            ess = torch.full((flat.shape[1],), float(flat.shape[0]), dtype=torch.float64)
+            ess = torch.full((flat.shape[1],), float(flat.shape[0]), dtype=torch.float64, device="cpu")
         sd = exact_sd.to("cpu", torch.float64)
         mcse = sd / ess.sqrt()
         mean_error = (flat.mean(0) - mean.to("cpu", torch.float64).reshape(-1)).abs() / mcse
