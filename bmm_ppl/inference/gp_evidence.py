@@ -120,8 +120,8 @@ class GPEvidence:
     the noise and the targets at the current ``pyro.param`` values (:class:`bmm_ppl.models.invariance.GPRegression`
     does). All of the program's ``pyro.param`` sites are learned. With a Monte-Carlo kernel the objective
     is stochastic (fresh draws each step, use Adam); the reported evidence is then the mean over
-    ``num_evidence_draws`` kernel draws with its standard error, and ``diagnostics["stochastic_kernel"]``
-    is True.
+    ``num_evidence_draws`` kernel draws with its standard error, tagged ``method="monte-carlo"`` (not an
+    exact evidence: it is noisy and Jensen-biased), and ``diagnostics["stochastic_kernel"]`` is True.
 
     Args:
         num_steps: optimiser steps (L-BFGS: outer iterations of up to 20 evaluations).
@@ -199,7 +199,7 @@ class GPEvidence:
         return Posterior(
             model, args, kwargs,
             latent_distribution=latents,
-            log_evidence=Evidence(float(values.mean()), stderr, "exact"),
+            log_evidence=Evidence(float(values.mean()), stderr, "monte-carlo" if stochastic else "exact"),
             hyperparameters=hyperparameters,
             loss_trace=losses,
             diagnostics={"stochastic_kernel": stochastic, "optimizer": self.optimizer.value,
