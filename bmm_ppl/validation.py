@@ -53,3 +53,27 @@ def check_positive(name: str, value) -> None:
     tensor = torch.as_tensor(value)
     if tensor.device.type != "meta" and not bool((tensor > 0).all()):
         raise ValueError(f"{name} must be positive, got {value}")
+
+
+def prepare_data(args: tuple, kwargs: dict, device=None) -> tuple[tuple, dict]:
+    """The engines' common entry check: moves tensor arguments to ``device`` (``None``: leave them where
+    they are), then checks that they share one device and hold no NaN or infinity, naming each bad one.
+
+    Example:
+        >>> args, kwargs = prepare_data((torch.ones(3), 2), {"y": torch.zeros(3)})
+        >>> args[1], kwargs["y"].shape
+        (2, torch.Size([3]))
+    """
+
+    def move(value):
+        return value.to(device) if device is not None and isinstance(value, torch.Tensor) else value
+
+    args = tuple(move(a) for a in args)
+    kwargs = {k: move(v) for k, v in kwargs.items()}
+    tensors = {f"argument {i}": a for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
+    tensors.update({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+    if tensors:
+        check_same_device(**tensors)
+    for name, value in tensors.items():
+        check_tensor(name, value)
+    return args, kwargs

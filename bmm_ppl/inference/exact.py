@@ -16,7 +16,7 @@ from bmm_ppl.inference.latents import GaussianLatents
 from bmm_ppl.inference.posterior import Posterior
 from bmm_ppl.inference.type2 import maximise_evidence
 from bmm_ppl.models.hyperparameters import Fixed, Hyperprior, Learned
-from bmm_ppl.validation import check_same_device, check_tensor
+from bmm_ppl.validation import prepare_data
 
 _OTHER_ENGINES = "use bmm_ppl.inference.SVI (variational) or NUTS (sampling) for it instead"
 
@@ -26,12 +26,6 @@ class OnBoundary(StrEnum):
 
     RAISE = "raise"  # raise HyperparameterBoundaryError
     CLIP = "clip"  # warn, and return the fit at the last finite value reached
-
-
-def _move(value, device):
-    if device is None:
-        return value
-    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 class Exact:
@@ -76,7 +70,7 @@ class Exact:
                 f"`conjugate_form` or `gaussian_form` (BayesianLinearRegression, MultiTaskRegression); "
                 f"{type(model).__name__} does not: {_OTHER_ENGINES}"
             )
-        args, kwargs = self._checked_data(args, kwargs)
+        args, kwargs = prepare_data(args, kwargs, self.device)
         form = describe(*args, **kwargs)
         for name, spec in (("alpha", form.alpha), ("beta", form.beta)):
             if isinstance(spec, Hyperprior):
@@ -123,19 +117,9 @@ class Exact:
             engine="Exact",
         )
 
-    def _checked_data(self, args, kwargs):
-        args = tuple(_move(a, self.device) for a in args)
-        kwargs = {k: _move(v, self.device) for k, v in kwargs.items()}
-        tensors = {f"argument {i}": a for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
-        tensors.update({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
-        check_same_device(**tensors)
-        for name, value in tensors.items():
-            check_tensor(name, value)
-        return args, kwargs
-
     def _fit_general(self, model, args, kwargs) -> Posterior:
         """Models with a general Gaussian prior (``gaussian_form``): type-II by L-BFGS on the exact evidence."""
-        args, kwargs = self._checked_data(args, kwargs)
+        args, kwargs = prepare_data(args, kwargs, self.device)
         try:
             learnable = model.learnable_hyperparameters(*args, **kwargs)
         except TypeError as error:

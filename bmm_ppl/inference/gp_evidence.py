@@ -24,7 +24,7 @@ from bmm_ppl.inference.errors import DivergenceError, UnsupportedModelError
 from bmm_ppl.inference.evidence import Evidence
 from bmm_ppl.inference.latents import GaussianLatents
 from bmm_ppl.inference.posterior import Posterior
-from bmm_ppl.validation import check_same_device, check_tensor
+from bmm_ppl.validation import prepare_data
 
 
 def gaussian_log_evidence(covariance: torch.Tensor, noise: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -163,14 +163,7 @@ class GPEvidence:
             )
         if getattr(model, "has_hyperprior", False):
             raise UnsupportedModelError("GPEvidence learns hyperparameters by type-II; it does not integrate hyperpriors")
-        if self.device is not None:
-            args = tuple(a.to(self.device) if isinstance(a, torch.Tensor) else a for a in args)
-            kwargs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        tensors = {f"argument {i}": a for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
-        tensors.update({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
-        check_same_device(**tensors)
-        for name, value in tensors.items():
-            check_tensor(name, value)
+        args, kwargs = prepare_data(args, kwargs, self.device)
 
         with pyro.get_param_store().scope():
             form = describe(*args, **kwargs)

@@ -20,7 +20,6 @@ import torch
 from torch.distributions import biject_to
 
 from bmm_ppl.inference.errors import UnsupportedModelError
-from bmm_ppl.validation import check_same_device, check_tensor
 
 _CHAIN_PLATE = "_bmm_chains"
 
@@ -243,24 +242,6 @@ class ModelPotential:
 
 
 # ---------------------------------------------------------------------------- helpers for engine wrappers
-def prepare_data(args: tuple, kwargs: dict, device) -> tuple[tuple, dict]:
-    """Moves tensor arguments to ``device`` (``None``: leave them) and checks they share a device and hold
-    no NaN or infinity; each bad argument is named in the error."""
-
-    def move(value):
-        return value.to(device) if device is not None and isinstance(value, torch.Tensor) else value
-
-    args = tuple(move(a) for a in args)
-    kwargs = {k: move(v) for k, v in kwargs.items()}
-    tensors = {f"argument {i}": a for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
-    tensors.update({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
-    if tensors:
-        check_same_device(**tensors)
-    for name, value in tensors.items():
-        check_tensor(name, value)
-    return args, kwargs
-
-
 def check_model(model) -> None:
     if not callable(model):
         raise TypeError(f"model must be a Pyro program (a callable), got {type(model).__name__}")

@@ -18,7 +18,7 @@ from bmm_ppl.inference.iwae import elbo_from_weights, log_importance_weights, st
 from bmm_ppl.inference.posterior import Posterior
 from bmm_ppl.inference.svi_core import Schedule
 from bmm_ppl.inference.svi_data import DataArguments, LoaderPasses, ScaleInPlate, minibatches
-from bmm_ppl.validation import check_same_device, check_tensor
+from bmm_ppl.validation import check_tensor, prepare_data
 
 _CHECK_EVERY = 100  # steps between divergence checks (each one synchronises with the device once)
 _ADVICE = "Lower lr, check the data for outliers, or give the hyperparameters better initial values."
@@ -44,7 +44,7 @@ def _optimizer_factory(optimizer, lr: float) -> Callable:
         return build
     if callable(optimizer):
         return lambda params: optimizer(params, lr=lr)
-    raise TypeError(f"optimizer must be a torch.optim class, its name, or a callable (params, lr) -> Optimizer")
+    raise TypeError("optimizer must be a torch.optim class, its name, or a callable (params, lr) -> Optimizer")
 
 
 def _plate_depth(*traces) -> int:
@@ -136,15 +136,8 @@ class SVI:
 
     # ----------------------------------------------------------------- checks
     def _checked_data(self, args: tuple, kwargs: dict) -> DataArguments:
-        if self.device is not None:
-            args = tuple(a.to(self.device) if isinstance(a, torch.Tensor) else a for a in args)
-            kwargs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        data = DataArguments(args, kwargs)
+        data = DataArguments(*prepare_data(args, kwargs, self.device))
         named = data.named()
-        if named:
-            check_same_device(**named)
-        for name, value in named.items():
-            check_tensor(name, value)
         if self.batch_size is not None:
             lengths = {name: (value.shape[0] if value.dim() else None) for name, value in named.items()}
             if not lengths or None in lengths.values() or len(set(lengths.values())) != 1:

@@ -17,10 +17,10 @@ from bmm_ppl.inference.potential import (
     ModelPotential,
     check_model,
     constrained_draws,
-    prepare_data,
     compiled_potential_and_grad,
     uniform_init,
 )
+from bmm_ppl.validation import prepare_data
 
 
 class DivergentTransitionWarning(UserWarning):

@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 from bmm_ppl._enums import StrEnum
 from bmm_ppl.inference.errors import DivergenceError
 from bmm_ppl.inference.posterior import Posterior
-from bmm_ppl.inference.potential import ModelPotential, check_model, constrained_draws, prepare_data, uniform_init
+from bmm_ppl.inference.potential import ModelPotential, check_model, constrained_draws, uniform_init
+from bmm_ppl.validation import prepare_data
 from bmm_ppl.inference.sgmcmc.kernels import psgld_update, sghmc_update, sgld_update
 
 
