@@ -272,9 +272,10 @@ def uniform_init(potential_and_grad, num_chains: int, dim: int, dtype, device, r
 def compiled_potential_and_grad(potential: "ModelPotential", example: torch.Tensor):
     """A faster ``potential.potential_and_grad`` for inputs shaped like ``example: Tensor[C, D]``.
 
-    First choice: the forward and backward pass captured together as one graph of tensor operations
-    (``make_fx`` over ``torch.func.grad_and_value``, with distribution argument validation off while
-    capturing), then ``torch.jit.trace``-d, so each call runs without Python or autograd overhead.
+    First choice: the forward and backward pass captured together as one simplified graph of tensor
+    operations (:func:`~bmm_ppl.inference.graph_capture.capture` of
+    :func:`functional_potential_and_grad`, with distribution argument validation off while capturing),
+    so each call runs without Python or autograd overhead.
     Second choice: a ``torch.jit.trace`` of the forward pass, differentiated by autograd. Each candidate
     must reproduce the untraced potential and gradient at a random point (a model with value-dependent
     control flow fails this) or it is dropped.
@@ -283,8 +284,6 @@ def compiled_potential_and_grad(potential: "ModelPotential", example: torch.Tens
         ``(potential_and_grad, kind)`` with ``kind`` in ``"graph"``, ``"trace"``, or ``(None, "none")``.
     """
     import warnings
-
-    from torch.fx.experimental.proxy_tensor import make_fx
 
     generator = torch.Generator(device=example.device).manual_seed(0)  # leaves the global RNG alone
     probe = example + torch.randn(example.shape, generator=generator, dtype=example.dtype, device=example.device) * 0.5
@@ -297,22 +296,11 @@ def compiled_potential_and_grad(potential: "ModelPotential", example: torch.Tens
             and torch.allclose(grad, reference_grad, rtol=1e-5, atol=1e-6, equal_nan=True)
         )
 
-    def total_and_values(z):
-        values = potential(z)
-        return values.sum(), values
-
     def graph_candidate():
-        with pyro.validation_enabled(False), torch.no_grad():
-            graph = make_fx(torch.func.grad_and_value(total_and_values, has_aux=True))(example)
-        graph.graph.eliminate_dead_code()
-        graph.recompile()
-        traced = torch.jit.trace(graph, example, check_trace=False)
+        from bmm_ppl.inference.graph_capture import capture
 
-        def potential_and_grad(z):
-            grad, (_, value) = traced(z.detach())
-            return value, grad
-
-        return potential_and_grad
+        with pyro.validation_enabled(False):
+            return capture(functional_potential_and_grad(potential), [example])
 
     def trace_candidate():
         traced = torch.jit.trace(lambda z: potential(z), example, check_trace=False)
@@ -336,6 +324,23 @@ def compiled_potential_and_grad(potential: "ModelPotential", example: torch.Tens
         except Exception:  # noqa: BLE001 - a model that cannot be captured runs untraced
             continue
     return None, "none"
+
+
+def functional_potential_and_grad(potential: "ModelPotential"):
+    """``z: Tensor[B, D] -> (U: Tensor[B], dU/dz: Tensor[B, D])`` written with ``torch.func`` (no
+    ``torch.autograd.grad``), so that graph capture (``make_fx``) can record it inside a larger function."""
+
+    def total_and_values(z):
+        values = potential(z)
+        return values.sum(), values
+
+    grad_and_value = torch.func.grad_and_value(total_and_values, has_aux=True)
+
+    def potential_and_grad(z):
+        grad, (_, value) = grad_and_value(z)
+        return value, grad
+
+    return potential_and_grad
 
 
 def constrained_draws(potential: "ModelPotential", flat: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -11,13 +11,15 @@ from tqdm.auto import tqdm
 
 from bmm_ppl.inference.hmc.adaptation import DualAveraging, WelfordVariance, adaptation_windows, find_reasonable_step_size
 from bmm_ppl.inference.hmc.integrator import PhasePoint
-from bmm_ppl.inference.hmc.kernels import hmc_step, nuts_step
+from bmm_ppl.inference.hmc.kernels import hmc_step
+from bmm_ppl.inference.hmc.nuts_kernel import NUTSKernel
 from bmm_ppl.inference.posterior import Posterior
 from bmm_ppl.inference.potential import (
     ModelPotential,
     check_model,
     constrained_draws,
     compiled_potential_and_grad,
+    functional_potential_and_grad,
     uniform_init,
 )
 from bmm_ppl.validation import prepare_data
@@ -61,7 +63,9 @@ class _Hamiltonian:
         self.device = None if device is None else torch.device(device)
         self.progress = progress
 
-    def _transition(self, point, step_size, inv_mass, potential_and_grad):
+    def _kernel(self, potential_and_grad, functional_potential_and_grad):
+        """The transition ``(point, step_size, inv_mass) -> (point, info)`` and a ``compile(point,
+        step_size, inv_mass) -> bool`` that captures it whole, or ``None`` where it cannot be."""
         raise NotImplementedError
 
     # ------------------------------------------------------------- entries
@@ -78,15 +82,20 @@ class _Hamiltonian:
         with pyro.get_param_store().scope():
             potential = ModelPotential(model, args, kwargs)
             init = torch.zeros(self.num_chains, potential.dim, dtype=potential.dtype, device=potential.device)
-            potential_and_grad, jitted = None, "none"
+            potential_and_grad, jitted, functional = None, "none", None
             if self.jit:
                 potential_and_grad, jitted = compiled_potential_and_grad(potential, init)
+                functional = functional_potential_and_grad(potential)
             potential_and_grad = potential_and_grad or potential.potential_and_grad
             z, energy, grad = uniform_init(
                 potential_and_grad, self.num_chains, potential.dim, potential.dtype, potential.device, self.init_radius
             )
-            flat, stats, diagnostics = self._sample(potential_and_grad, PhasePoint(z, torch.zeros_like(z), energy, grad))
+            flat, stats, diagnostics = self._sample(
+                potential_and_grad, PhasePoint(z, torch.zeros_like(z), energy, grad), functional
+            )
             draws = constrained_draws(potential, flat)
+        if diagnostics.pop("kernel_compiled", False):
+            jitted = "kernel"
         diagnostics.update(jit=jitted, vectorised_over_chains=potential.vectorised)
         self._report(diagnostics)
         posterior = Posterior(model, args, kwargs, draws=draws, sample_stats=stats, diagnostics=diagnostics, engine=self.engine_name)
@@ -134,7 +143,7 @@ class _Hamiltonian:
         return Posterior(None, draws={"z": flat}, sample_stats=stats, diagnostics=diagnostics, engine=self.engine_name)
 
     # ---------------------------------------------------------------- loop
-    def _sample(self, potential_and_grad, point: PhasePoint):
+    def _sample(self, potential_and_grad, point: PhasePoint, functional_potential_and_grad=None):
         chains, dim = point.z.shape
         warmup, total = self.warmup_steps, self.warmup_steps + self.num_samples
         inv_mass = torch.ones_like(point.z)
@@ -150,9 +159,17 @@ class _Hamiltonian:
         draws = zeros(self.num_samples, chains, dim)
         stats = {name: zeros(self.num_samples, chains) for name in self._stat_names()}
         warmup_divergences = zeros(chains)
+        transition, compile_kernel = self._kernel(potential_and_grad, functional_potential_and_grad)
+        kernel_compiled = False
+        if functional_potential_and_grad is not None and compile_kernel is not None:
+            with pyro.validation_enabled(False):
+                try:
+                    kernel_compiled = compile_kernel(point, step, inv_mass)
+                except Exception:  # noqa: BLE001 - a model that cannot be captured runs the eager kernel
+                    kernel_compiled = False
         bar = tqdm(total=total, desc=self.engine_name, disable=not self.progress, leave=False)
         for i in range(total):
-            point, info = self._transition(point, step, inv_mass, potential_and_grad)
+            point, info = transition(point, step, inv_mass)
             if i < warmup:
                 warmup_divergences = warmup_divergences + info["diverging"].to(warmup_divergences.dtype)
                 if self.adapt_step_size:
@@ -190,6 +207,7 @@ class _Hamiltonian:
             "inverse_mass_matrix_diagonal": inv_mass.detach(),
             "mean_accept_prob": float(stats["accept_prob"].mean()),
             "num_gradient_evaluations": int(stats["num_steps"].sum()),
+            "kernel_compiled": kernel_compiled,
         }
         return draws.transpose(0, 1).contiguous(), stats, diagnostics
 
@@ -257,8 +275,9 @@ class NUTS(_Hamiltonian):
                          adapt_mass_matrix, jit, init_radius, device, progress, evidence)
         self.max_tree_depth = _check_int("max_tree_depth", max_tree_depth, 1)
 
-    def _transition(self, point, step_size, inv_mass, potential_and_grad):
-        return nuts_step(point, step_size, inv_mass, potential_and_grad, self.max_tree_depth)
+    def _kernel(self, potential_and_grad, functional_potential_and_grad):
+        kernel = NUTSKernel(potential_and_grad, self.max_tree_depth, functional_potential_and_grad)
+        return kernel.step, kernel.compile
 
     def _stat_names(self):
         return super()._stat_names() + ["tree_depth"]
@@ -288,5 +307,8 @@ class HMC(_Hamiltonian):
                          adapt_mass_matrix, jit, init_radius, device, progress, evidence)
         self.num_steps = _check_int("num_steps", num_steps, 1)
 
-    def _transition(self, point, step_size, inv_mass, potential_and_grad):
-        return hmc_step(point, step_size, inv_mass, potential_and_grad, self.num_steps)
+    def _kernel(self, potential_and_grad, functional_potential_and_grad):
+        def transition(point, step_size, inv_mass):
+            return hmc_step(point, step_size, inv_mass, potential_and_grad, self.num_steps)
+
+        return transition, None
