@@ -1,11 +1,13 @@
 """NUTS effective samples per second on Bayesian logistic regression (breast cancer, 31 coefficients).
 
 Compares ``bmm_ppl.inference.NUTS`` (plain and ``jit=True``) with Pyro's ``MCMC(NUTS)`` (plain and
-``jit_compile=True``) and, where installed, NumPyro's NUTS, all on the same data in one run: 1 chain,
-500 warm-up + 1000 draws. ESS/s = min bulk ESS over the coefficients (ArviZ) / wall time, warm-up and
-any compilation included. Prints a table of ratios against the peers.
+``jit_compile=True``) and, where installed, NumPyro's NUTS, all on the same data in one run: 500 warm-up
++ 1000 draws per chain, first with 1 chain, then (``--chains 1 4``) with 4 chains, each sampler in its
+own multi-chain mode: ours batched in one process, Pyro's chains in parallel processes, NumPyro's
+vectorised. ESS/s = min bulk ESS over the coefficients (ArviZ, all chains) / wall time, warm-up and any
+compilation included. Prints a table of ratios against the peers for each chain count.
 
-Run: ``python benchmarks/nuts_ess_per_second.py [--quick] [--skip-pyro]``
+Run: ``python benchmarks/nuts_ess_per_second.py [--quick] [--skip-pyro] [--chains 1 4]``
 """
 
 from __future__ import annotations
@@ -41,28 +43,28 @@ def min_ess(draws: np.ndarray) -> float:
     return float(az.ess(az.convert_to_dataset({"w": draws}), method="bulk")["w"].values.min())
 
 
-def run_ours(x, y, warmup, samples, jit):
+def run_ours(x, y, warmup, samples, jit, chains=1):
     pyro.set_rng_seed(0)
     start = time.perf_counter()
-    post = NUTS(num_samples=samples, warmup_steps=warmup, num_chains=1, jit=jit, progress=False).fit(model, x, y)
+    post = NUTS(num_samples=samples, warmup_steps=warmup, num_chains=chains, jit=jit, progress=False).fit(model, x, y)
     seconds = time.perf_counter() - start
     return min_ess(post.draws()["w"].numpy()), seconds, post.diagnostics["num_gradient_evaluations"]
 
 
-def run_pyro(x, y, warmup, samples, jit):
+def run_pyro(x, y, warmup, samples, jit, chains=1):
     from pyro.infer import MCMC
     from pyro.infer import NUTS as PyroNUTS
 
     pyro.set_rng_seed(0)
     start = time.perf_counter()
     mcmc = MCMC(PyroNUTS(model, jit_compile=jit, ignore_jit_warnings=True), num_samples=samples,
-                warmup_steps=warmup, num_chains=1, disable_progbar=True)
+                warmup_steps=warmup, num_chains=chains, disable_progbar=True)
     mcmc.run(x, y)
     seconds = time.perf_counter() - start
     return min_ess(mcmc.get_samples(group_by_chain=True)["w"].numpy()), seconds, None
 
 
-def run_numpyro(x, y, warmup, samples):
+def run_numpyro(x, y, warmup, samples, chains=1):
     import jax
     import jax.numpy as jnp
     import numpyro
@@ -79,43 +81,53 @@ def run_numpyro(x, y, warmup, samples):
 
     xs, ys = jnp.asarray(x.numpy()), jnp.asarray(y.numpy())
     start = time.perf_counter()
-    mcmc = NMCMC(NNUTS(nmodel), num_warmup=warmup, num_samples=samples, num_chains=1, progress_bar=False)
+    mcmc = NMCMC(NNUTS(nmodel), num_warmup=warmup, num_samples=samples, num_chains=chains, progress_bar=False,
+                 chain_method="vectorized" if chains > 1 else "sequential")
     mcmc.run(jax.random.PRNGKey(0), xs, ys)
     w = np.asarray(mcmc.get_samples(group_by_chain=True)["w"])
     seconds = time.perf_counter() - start
     return min_ess(w), seconds, None
 
 
-def main(quick: bool = False, skip_pyro: bool = False) -> dict:
+def main(quick: bool = False, skip_pyro: bool = False, chain_counts=(1,)) -> dict:
     torch.set_num_threads(1)
     warmup, samples = (100, 200) if quick else (500, 1000)
     x, y = data()
-    runs = {
-        "bmm NUTS": lambda: run_ours(x, y, warmup, samples, jit=False),
-        "bmm NUTS jit": lambda: run_ours(x, y, warmup, samples, jit=True),
-    }
-    if not skip_pyro:
-        runs["Pyro MCMC(NUTS)"] = lambda: run_pyro(x, y, warmup, samples, jit=False)
-        runs["Pyro MCMC(NUTS) jit"] = lambda: run_pyro(x, y, warmup, samples, jit=True)
     try:
         import numpyro  # noqa: F401
 
-        runs["NumPyro NUTS"] = lambda: run_numpyro(x, y, warmup, samples)
+        has_numpyro = True
     except ImportError:
         print("NumPyro not installed: skipped")
+        has_numpyro = False
     results = {}
-    for name, run in runs.items():
-        ess, seconds, grads = run()
-        results[name] = {"min_bulk_ess": ess, "seconds": seconds, "ess_per_second": ess / seconds, "gradients": grads}
-        print(f"{name:22s} min ESS {ess:7.1f}  time {seconds:7.1f} s  ESS/s {ess / seconds:7.2f}", flush=True)
-    print("\nratios (ESS/s of bmm NUTS over the peer; 2-core CPU, 1 chain, "
-          f"{warmup} warm-up + {samples} draws):")
-    for ours in ("bmm NUTS", "bmm NUTS jit"):
-        for peer in results:
-            if peer.startswith("bmm"):
+    for chains in chain_counts:
+        runs = {
+            "bmm NUTS": lambda: run_ours(x, y, warmup, samples, jit=False, chains=chains),
+            "bmm NUTS jit": lambda: run_ours(x, y, warmup, samples, jit=True, chains=chains),
+        }
+        if not skip_pyro:
+            runs["Pyro MCMC(NUTS)"] = lambda: run_pyro(x, y, warmup, samples, jit=False, chains=chains)
+            runs["Pyro MCMC(NUTS) jit"] = lambda: run_pyro(x, y, warmup, samples, jit=True, chains=chains)
+        if has_numpyro:
+            runs["NumPyro NUTS"] = lambda: run_numpyro(x, y, warmup, samples, chains=chains)
+        results[chains] = {}
+        print(f"\n{chains} chain(s), {warmup} warm-up + {samples} draws each")
+        for name, run in runs.items():
+            try:
+                ess, seconds, grads = run()
+            except Exception as error:  # noqa: BLE001 - a peer that cannot run this mode is reported, not fatal
+                print(f"{name:22s} failed: {type(error).__name__}: {error}")
                 continue
-            ratio = results[ours]["ess_per_second"] / results[peer]["ess_per_second"]
-            print(f"  {ours:14s} / {peer:22s} = {ratio:6.2f}")
+            results[chains][name] = {"min_bulk_ess": ess, "seconds": seconds, "ess_per_second": ess / seconds, "gradients": grads}
+            print(f"{name:22s} min ESS {ess:7.1f}  time {seconds:7.1f} s  ESS/s {ess / seconds:7.2f}", flush=True)
+        print(f"ratios (ESS/s of bmm NUTS over the peer; 2-core CPU, {chains} chain(s)):")
+        for ours in ("bmm NUTS", "bmm NUTS jit"):
+            for peer in results[chains]:
+                if peer.startswith("bmm") or ours not in results[chains]:
+                    continue
+                ratio = results[chains][ours]["ess_per_second"] / results[chains][peer]["ess_per_second"]
+                print(f"  {ours:14s} / {peer:22s} = {ratio:6.2f}")
     return results
 
 
@@ -123,5 +135,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100 warm-up + 200 draws")
     parser.add_argument("--skip-pyro", action="store_true", help="leave Pyro's (slow) sampler out")
+    parser.add_argument("--chains", type=int, nargs="+", default=[1], help="chain counts to run (e.g. 1 4)")
     options = parser.parse_args()
-    main(options.quick, options.skip_pyro)
+    main(options.quick, options.skip_pyro, tuple(options.chains))

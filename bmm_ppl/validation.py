@@ -21,12 +21,18 @@ def check_tensor(name: str, value, *, dim: tuple[int, ...] | int | None = None, 
             raise ValueError(f"{name} must be {want}, got shape {tuple(value.shape)}")
     # Value checks are skipped while tracing (jit capture of a potential): the data were checked when
     # the model was first run, and a data-dependent branch would freeze into the graph.
-    if finite and value.device.type != "meta" and value.is_floating_point() and not torch.jit.is_tracing():
+    if finite and value.device.type != "meta" and value.is_floating_point() and not _tracing():
         bad = ~torch.isfinite(value)
         if bad.any():
             kind = "NaN" if torch.isnan(value).any() else "infinite values"
             raise ValueError(f"{name} contains {kind} ({int(bad.sum())} of {value.numel()} entries)")
     return value
+
+
+def _tracing() -> bool:
+    from bmm_ppl.inference.graph_capture import is_capturing
+
+    return torch.jit.is_tracing() or is_capturing()
 
 
 def check_same_length(**tensors: torch.Tensor) -> int:

@@ -19,6 +19,7 @@ inside it (``torch.rand_like`` ...) stays random and draws from the global gener
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Callable, Sequence
 
@@ -38,6 +39,24 @@ _RESHAPES = {
     aten.view_copy.default, aten.expand_copy.default, aten.unsqueeze.default, aten.unsqueeze_copy.default,
     aten.squeeze.dim, aten.squeeze.default, aten.squeeze_copy.dim,
 }
+
+
+_capturing = [False]
+
+
+def is_capturing() -> bool:
+    """Whether a graph is being recorded now: value checks (``if bad.any(): raise``) must be skipped, since
+    a data-dependent branch cannot be recorded (the data were checked before capture)."""
+    return _capturing[0]
+
+
+@contextlib.contextmanager
+def _recording():
+    previous, _capturing[0] = _capturing[0], True
+    try:
+        yield
+    finally:
+        _capturing[0] = previous
 
 
 def _is_random(node: torch.fx.Node) -> bool:
@@ -91,6 +110,7 @@ def _fold_constants(module: torch.fx.GraphModule, values: dict) -> set:
         module.register_buffer(name, value.detach().clone())
         with graph.inserting_before(node):
             replacement = graph.get_attr(name)
+        values[replacement] = value
         node.replace_all_uses_with(replacement)
     return constant
 
@@ -106,8 +126,14 @@ def _remove_unused(graph: torch.fx.Graph, constant: set) -> None:
             graph.erase_node(node)
 
 
-def _scalar_equals(arg, number: float) -> bool:
-    return isinstance(arg, (int, float)) and not isinstance(arg, bool) and float(arg) == number
+def _scalar_equals(arg, number: float, values: dict | None = None) -> bool:
+    """Whether ``arg`` is the number, or a constant tensor (folded or a buffer) filled with it."""
+    if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+        return float(arg) == number
+    if isinstance(arg, torch.fx.Node) and arg.op == "get_attr" and values is not None:
+        value = values.get(arg)
+        return isinstance(value, torch.Tensor) and value.numel() > 0 and bool((value == number).all())
+    return False
 
 
 def _identity_source(node: torch.fx.Node, values: dict):
@@ -121,10 +147,14 @@ def _identity_source(node: torch.fx.Node, values: dict):
         return source
     if len(node.args) == 2 and not node.kwargs:
         other = node.args[1]
-        if target in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar) and _scalar_equals(other, 1.0):
+        if target in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar) and _scalar_equals(other, 1.0, values):
             return source
-        if target in (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar) and _scalar_equals(other, 0.0):
+        if target in (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar) and _scalar_equals(other, 0.0, values):
             return source
+        if target in (aten.mul.Tensor, aten.add.Tensor) and _scalar_equals(source, 1.0 if target is aten.mul.Tensor else 0.0, values):
+            other_value = values.get(other)
+            if isinstance(other, torch.fx.Node) and _same_tensor_type(out, other_value):
+                return other
     if target is aten.pow.Tensor_Scalar and _scalar_equals(node.args[1], 1.0):
         return source
     if target is aten.neg.default and isinstance(source, torch.fx.Node) and source.target is aten.neg.default:
@@ -178,7 +208,7 @@ def graph_size(module: torch.fx.GraphModule) -> int:
 
 def trace_function(fn: Callable, example_args: Sequence[torch.Tensor]) -> torch.fx.GraphModule:
     """``fn``'s operations on ``example_args`` as a functional (no in-place) ``make_fx`` graph, simplified."""
-    with torch.no_grad():
+    with torch.no_grad(), _recording():
         module = make_fx(torch.func.functionalize(fn, remove="mutations"))(*example_args)
     module.graph.eliminate_dead_code()
     module.recompile()
@@ -199,9 +229,11 @@ def capture(fn: Callable, example_args: Sequence[torch.Tensor]) -> Callable:
     """
     # Distinct storage per input: the tracer would otherwise take two aliased example inputs for one.
     example_args = [arg.clone() for arg in example_args]
-    module = trace_function(fn, example_args)
-    with warnings.catch_warnings():
+    cuda = sorted({arg.device for arg in example_args if arg.device.type == "cuda"}, key=str)
+    # Recording runs the function (and its random operations): the caller's random stream is left as it was.
+    with torch.random.fork_rng(devices=cuda), warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        module = trace_function(fn, example_args)
         traced = torch.jit.trace(module, tuple(example_args), check_trace=False)
         try:
             traced = torch.jit.freeze(traced.eval())
@@ -210,4 +242,4 @@ def capture(fn: Callable, example_args: Sequence[torch.Tensor]) -> Callable:
     return traced
 
 
-__all__ = ["capture", "graph_size", "simplify", "trace_function"]
+__all__ = ["capture", "graph_size", "is_capturing", "simplify", "trace_function"]

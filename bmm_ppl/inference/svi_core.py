@@ -125,6 +125,7 @@ class SVIState:
     Attributes:
         params: the unconstrained parameter leaves (the very tensors Pyro's param store holds).
         optimizer: a ``torch.optim.Optimizer`` over ``params``.
+        names: the param-store names of ``params``.
         step: steps taken.
         averaged: running means of ``params`` over the averaging phase (``None`` before it starts).
         num_averaged: how many iterates the means hold.
@@ -132,6 +133,7 @@ class SVIState:
 
     params: tuple
     optimizer: torch.optim.Optimizer
+    names: tuple = ()
     step: int = 0
     averaged: tuple | None = None
     num_averaged: int = 0
@@ -154,7 +156,7 @@ def init(params: dict[str, torch.Tensor], optimizer_factory: Callable) -> SVISta
     leaves = tuple(params.values())
     if not leaves:
         raise ValueError("the model and guide have no parameters to fit")
-    return SVIState(leaves, optimizer_factory(list(leaves)))
+    return SVIState(leaves, optimizer_factory(list(leaves)), names=tuple(params))
 
 
 def step(state: SVIState, loss_fn: Callable[[], torch.Tensor], lr: float, average: bool = False) -> tuple[SVIState, dict]:
@@ -167,6 +169,19 @@ def step(state: SVIState, loss_fn: Callable[[], torch.Tensor], lr: float, averag
     loss = loss_fn()
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    return _update(state, loss, lr, average)
+
+
+def step_with_gradients(state: SVIState, loss_and_gradients: Callable, lr: float, average: bool = False) -> tuple[SVIState, dict]:
+    """As :func:`step`, for a ``loss_and_gradients() -> (loss, *grads)`` that computes the gradients of
+    ``state.params`` itself (see :func:`compile_loss_and_gradients`)."""
+    loss, *gradients = loss_and_gradients()
+    for param, gradient in zip(state.params, gradients):
+        param.grad = gradient
+    return _update(state, loss, lr, average)
+
+
+def _update(state: SVIState, loss: torch.Tensor, lr: float, average: bool) -> tuple[SVIState, dict]:
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     state.optimizer.step()
@@ -210,5 +225,94 @@ def compile_loss(loss_fn: Callable, params: tuple, inputs: tuple) -> Callable:
 
     def run(*inputs):
         return compiled(*params, *inputs)
+
+    return run
+
+
+def _module_parameter_slots(modules, params: tuple) -> list[tuple[torch.nn.Module, str, int]]:
+    """``(module, attribute, index into params)`` for each plain ``nn.Parameter`` of ``modules`` that is one
+    of ``params``: a ``PyroModule`` reads those from itself (its ``pyro.param`` call's value is ignored),
+    so ``poutine.substitute`` cannot reach them. (``PyroParam``'s ``*_unconstrained`` leaves are read
+    through ``pyro.param`` and are substituted.)"""
+    index = {id(p): i for i, p in enumerate(params)}
+    slots = []
+    for module in modules:
+        for sub in module.modules():
+            for name, value in sub._parameters.items():
+                if value is not None and id(value) in index and not name.endswith("_unconstrained"):
+                    slots.append((sub, name, index[id(value)]))
+    return slots
+
+
+def compile_loss_and_gradients(objective: Callable, state: SVIState, inputs: tuple, modules: tuple = ()) -> Callable | None:
+    """``objective(*inputs)`` and its gradients with respect to ``state.params``, captured as one
+    simplified graph (:func:`~bmm_ppl.inference.graph_capture.capture`): the forward and backward passes
+    run without Pyro's tracing machinery or the autograd engine.
+
+    Parameters enter the graph as inputs through ``poutine.substitute`` (each constrained by its
+    param-store constraint) and, for the plain ``nn.Parameter`` leaves of ``modules`` (the guide), by
+    swapping them into the module while the graph is recorded; ``inputs`` (a minibatch) enter as inputs
+    too. The capture is checked against the eager loss and gradients on the same random numbers.
+
+    Returns:
+        ``f(*inputs) -> (loss, *gradients)``, or ``None`` where the objective cannot be captured: it
+        registers ``torch.nn.Module`` parameters with ``pyro.module`` (those would be overwritten), its
+        structure depends on values, or the check fails.
+    """
+    from torch.distributions import transform_to
+
+    from bmm_ppl.inference.graph_capture import capture
+
+    if not state.names or any("$$$" in name for name in state.names):
+        return None
+    constraints = pyro.get_param_store().get_state()["constraints"]
+    if any(name not in constraints for name in state.names):
+        return None
+    transforms = [transform_to(constraints[name]) for name in state.names]
+    count = len(state.params)
+
+    slots = _module_parameter_slots(modules, tuple(state.params))
+
+    def loss_of(*tensors):
+        values = {name: t(u) for name, t, u in zip(state.names, transforms, tensors[:count])}
+        originals = [(module, name, module._parameters[name]) for module, name, _ in slots]
+        try:
+            for module, name, i in slots:
+                module._parameters[name] = tensors[i]
+            with poutine.substitute(data=values):
+                return objective(*tensors[count:])
+        finally:
+            for module, name, original in originals:
+                module._parameters[name] = original
+
+    gradient_and_loss = torch.func.grad_and_value(loss_of, argnums=tuple(range(count)))
+
+    def loss_and_gradients(*tensors):
+        gradients, loss = gradient_and_loss(*tensors)
+        return (loss, *gradients)
+
+    example = [p.detach() for p in state.params] + list(inputs)
+    device = example[0].device
+    try:
+        with pyro.validation_enabled(False), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = capture(loss_and_gradients, example)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(0)
+            got = graph(*example)
+            torch.manual_seed(0)
+            loss = objective(*inputs)
+            expected = (loss, *torch.autograd.grad(loss, state.params, allow_unused=True))
+    except Exception:  # noqa: BLE001 - an objective that cannot be captured runs as before
+        return None
+    for a, b in zip(got, expected):
+        b = torch.zeros_like(a) if b is None else b.detach()
+        scale = float(b.abs().max()) if b.numel() else 0.0
+        if not torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(scale, 1.0), equal_nan=True):
+            return None
+    params = tuple(state.params)
+
+    def run(*batch):
+        return graph(*(p.detach() for p in params), *batch)
 
     return run

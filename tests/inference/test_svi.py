@@ -233,7 +233,40 @@ def test_jit_matches_closed_form_evidence():
     cov = torch.eye(n, dtype=torch.float64) + torch.ones(n, n, dtype=torch.float64)
     exact = dist.MultivariateNormal(torch.zeros(n, dtype=torch.float64), cov).log_prob(data)
     post = SVI("mvn", num_steps=800, jit=True, progress=False).fit(model, data)
+    assert post.diagnostics["jit"] == "graph"
     assert 0 <= float(exact) - post.log_evidence.value < 0.05
+
+
+@pytest.mark.parametrize("batch_size", [None, 20])
+def test_captured_gradients_follow_the_eager_run(batch_size):
+    # Same seed, same random numbers: the captured loss-and-gradient graph retraces the eager run (the
+    # type-II hyperparameters included) up to floating-point rounding.
+    x, y = sine_data(torch.float64)
+    runs = {}
+    for jit in (False, True):
+        pyro.set_rng_seed(5)
+        runs[jit] = SVI("mvn", num_steps=150, batch_size=batch_size, evidence_particles=50, jit=jit,
+                        progress=False).fit(CUBIC, x, y)
+    assert runs[True].diagnostics["jit"] == "graph" and runs[False].diagnostics["jit"] == "none"
+    torch.testing.assert_close(runs[True].loss_trace, runs[False].loss_trace, rtol=1e-6, atol=1e-6)
+    for name in ("alpha", "beta"):
+        torch.testing.assert_close(runs[True].hyperparameters[name], runs[False].hyperparameters[name], rtol=1e-6, atol=0)
+
+
+def test_jit_falls_back_for_pyro_module_parameters():
+    # pyro.module writes the store's values back into the nn.Module: the graph capture must not run.
+    net = torch.nn.Linear(1, 1).double()
+    x, y = sine_data(torch.float64)
+
+    def model(x, y):
+        pyro.module("net", net)
+        scale = pyro.sample("scale", dist.LogNormal(x.new_zeros(()), 1.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("obs", dist.Normal(net(x.unsqueeze(-1)).squeeze(-1), scale), obs=y)
+
+    post = SVI("normal", num_steps=30, evidence_particles=10, jit=True, progress=False).fit(model, x, y)
+    assert post.diagnostics["jit"] == "trace"
+    assert isinstance(net.weight, torch.nn.Parameter)
 
 
 def test_device_discipline(meta_default_device):
