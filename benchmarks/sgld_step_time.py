@@ -2,14 +2,19 @@
 
 The SGD baseline is a ``torch.nn`` MLP with the same negative log joint (Gaussian likelihood + Gaussian
 prior) as loss, stepped by ``torch.optim.SGD``; SGLD runs the Pyro version of the network through
-``bmm_ppl.inference.sgmcmc.SGLD`` (1 chain, minibatch 128). Prints seconds per step and the ratio.
+``bmm_ppl.inference.sgmcmc.SGLD`` (1 chain, minibatch 128), once running the model each step
+(``jit=False``) and once with the captured minibatch potential (``jit=True``). The three are timed
+side by side in each of ``--repeats`` rounds (the machine may be shared: compare ratios within a round)
+and the per-round ratios and their median are printed. SGLD's time is the whole ``fit`` (model trace,
+capture, draw bookkeeping, constrained draws) divided by the steps.
 
-Run: ``python benchmarks/sgld_step_time.py [--steps N]``
+Run: ``python benchmarks/sgld_step_time.py [--steps N] [--repeats R]``
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import pyro
@@ -53,24 +58,39 @@ def sgd_seconds_per_step(x, y, steps):
     return (time.perf_counter() - start) / steps
 
 
-def sgld_seconds_per_step(x, y, steps):
-    engine = SGLD(num_samples=steps, warmup_steps=0, lr=1e-6, batch_size=BATCH, progress=False)
+def sgld_seconds_per_step(x, y, steps, jit):
+    engine = SGLD(num_samples=steps, warmup_steps=0, lr=1e-6, batch_size=BATCH, jit=jit, progress=False)
     start = time.perf_counter()
-    engine.fit(bnn, x, y)
-    return (time.perf_counter() - start) / steps
+    posterior = engine.fit(bnn, x, y)
+    seconds = (time.perf_counter() - start) / steps
+    if jit and posterior.diagnostics["jit"] != "graph":
+        raise RuntimeError(f"the capture fell back to {posterior.diagnostics['jit']!r}; the benchmark needs it")
+    return seconds
 
 
-def main(steps: int = 2000) -> dict:
+def main(steps: int = 2000, repeats: int = 3) -> dict:
     torch.set_num_threads(1)
     x, y = data()
-    sgd = sgd_seconds_per_step(x, y, steps)
-    sgld = sgld_seconds_per_step(x, y, steps)
-    print(f"SGD step  {sgd * 1e3:.3f} ms\nSGLD step {sgld * 1e3:.3f} ms  (incl. model trace and draw bookkeeping)")
-    print(f"ratio SGLD / SGD = {sgld / sgd:.2f}  (2-core CPU, 1 chain, minibatch {BATCH}, MLP {D}-{H}-1)")
-    return {"sgd_seconds": sgd, "sgld_seconds": sgld, "ratio": sgld / sgd}
+    rounds = []
+    for _ in range(repeats):
+        sgd = sgd_seconds_per_step(x, y, steps)
+        eager = sgld_seconds_per_step(x, y, steps, jit=False)
+        jit = sgld_seconds_per_step(x, y, steps, jit=True)
+        rounds.append({"sgd_seconds": sgd, "sgld_eager_seconds": eager, "sgld_jit_seconds": jit,
+                       "ratio_eager": eager / sgd, "ratio_jit": jit / sgd})
+    print(f"{'round':>5} {'SGD ms':>8} {'SGLD ms':>8} {'jit ms':>8} {'SGLD/SGD':>9} {'jit/SGD':>8}")
+    for i, r in enumerate(rounds):
+        print(f"{i:>5} {r['sgd_seconds'] * 1e3:>8.3f} {r['sgld_eager_seconds'] * 1e3:>8.3f} "
+              f"{r['sgld_jit_seconds'] * 1e3:>8.3f} {r['ratio_eager']:>9.2f} {r['ratio_jit']:>8.2f}")
+    summary = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    print(f"median ratio: SGLD / SGD = {summary['ratio_eager']:.2f}, SGLD(jit=True) / SGD = {summary['ratio_jit']:.2f}"
+          f"  (target <= 1.2; {steps} steps, 1 chain, minibatch {BATCH}, MLP {D}-{H}-1, 1 thread)")
+    return summary
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000)
-    main(parser.parse_args().steps)
+    parser.add_argument("--repeats", type=int, default=3)
+    arguments = parser.parse_args()
+    main(arguments.steps, arguments.repeats)

@@ -104,6 +104,7 @@ class ModelPotential:
         if not sites:
             raise UnsupportedModelError("the model has no latent sample sites to sample")
         self.sites = sites
+        self._latent_names = frozenset(site.name for site in sites)
         self.dim = offset
         self._batch_dims = batch_dims
         example = trace.nodes[sites[0].name]["value"]
@@ -178,7 +179,8 @@ class ModelPotential:
                     continue
             if site["scale"] is not None:
                 log_prob = log_prob * site["scale"]
-            if observed_scale != 1.0 and site["is_observed"]:
+            # ``poutine.condition`` marks the latent values as observed too: only the data are scaled.
+            if observed_scale != 1.0 and site["is_observed"] and site["name"] not in self._latent_names:
                 log_prob = log_prob * observed_scale
             total = total + self._per_batch(log_prob, batch, keep)
         return total
@@ -202,7 +204,7 @@ class ModelPotential:
         total = 0.0
         for site in trace.nodes.values():
             if site["type"] == "sample" and not site_is_subsample(site):
-                scale = observed_scale if site["is_observed"] else 1.0
+                scale = observed_scale if site["is_observed"] and site["name"] not in self._latent_names else 1.0
                 total = total + scale * site["fn"].log_prob(site["value"]).mul(site["scale"]).sum()
         return total
 
@@ -270,60 +272,34 @@ def uniform_init(potential_and_grad, num_chains: int, dim: int, dtype, device, r
 
 
 def compiled_potential_and_grad(potential: "ModelPotential", example: torch.Tensor):
-    """A faster ``potential.potential_and_grad`` for inputs shaped like ``example: Tensor[C, D]``.
-
-    First choice: the forward and backward pass captured together as one simplified graph of tensor
-    operations (:func:`~bmm_ppl.inference.graph_capture.capture` of
-    :func:`functional_potential_and_grad`, with distribution argument validation off while capturing),
-    so each call runs without Python or autograd overhead.
-    Second choice: a ``torch.jit.trace`` of the forward pass, differentiated by autograd. Each candidate
-    must reproduce the untraced potential and gradient at a random point (a model with value-dependent
-    control flow fails this) or it is dropped.
+    """A faster ``potential.potential_and_grad`` for inputs shaped like ``example: Tensor[C, D]``: the
+    forward and backward pass captured together as one simplified graph of tensor operations
+    (:func:`~bmm_ppl.inference.graph_capture.capture` of :func:`functional_potential_and_grad`, with
+    distribution argument validation off while capturing), so each call runs without Python or autograd
+    overhead. Recording refuses Python control flow on latent values (it raises), and the graph must
+    reproduce the eager potential and gradient at a random point, or it is dropped.
 
     Returns:
-        ``(potential_and_grad, kind)`` with ``kind`` in ``"graph"``, ``"trace"``, or ``(None, "none")``.
+        ``(potential_and_grad, "graph")``, or ``(None, "none")`` where the model cannot be captured.
     """
     import warnings
+
+    from bmm_ppl.inference.graph_capture import capture
 
     generator = torch.Generator(device=example.device).manual_seed(0)  # leaves the global RNG alone
     probe = example + torch.randn(example.shape, generator=generator, dtype=example.dtype, device=example.device) * 0.5
     reference_value, reference_grad = potential.potential_and_grad(probe)
-
-    def agrees(candidate) -> bool:
-        value, grad = candidate(probe)
-        return bool(
-            torch.allclose(value, reference_value, rtol=1e-5, atol=1e-6, equal_nan=True)
-            and torch.allclose(grad, reference_grad, rtol=1e-5, atol=1e-6, equal_nan=True)
-        )
-
-    def graph_candidate():
-        from bmm_ppl.inference.graph_capture import capture
-
-        with pyro.validation_enabled(False):
-            return capture(functional_potential_and_grad(potential), [example])
-
-    def trace_candidate():
-        traced = torch.jit.trace(lambda z: potential(z), example, check_trace=False)
-
-        def potential_and_grad(z):
-            with torch.enable_grad():
-                point = z.detach().requires_grad_(True)
-                value = traced(point)
-                (grad,) = torch.autograd.grad(value.sum(), point)
-            return value.detach(), grad
-
-        return potential_and_grad
-
-    for kind, build in (("graph", graph_candidate), ("trace", trace_candidate)):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                candidate = build()
-                if agrees(candidate):
-                    return candidate, kind
-        except Exception:  # noqa: BLE001 - a model that cannot be captured runs untraced
-            continue
-    return None, "none"
+    try:
+        with warnings.catch_warnings(), pyro.validation_enabled(False):
+            warnings.simplefilter("ignore")
+            candidate = capture(functional_potential_and_grad(potential), [example])
+            value, grad = candidate(probe)
+    except Exception:  # noqa: BLE001 - a model that cannot be captured runs eagerly
+        return None, "none"
+    agrees = torch.allclose(value, reference_value, rtol=1e-5, atol=1e-6, equal_nan=True) and torch.allclose(
+        grad, reference_grad, rtol=1e-5, atol=1e-6, equal_nan=True
+    )
+    return (candidate, "graph") if agrees else (None, "none")
 
 
 def functional_potential_and_grad(potential: "ModelPotential"):

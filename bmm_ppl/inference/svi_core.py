@@ -206,29 +206,6 @@ def finalize(state: SVIState) -> SVIState:
     return state
 
 
-def compile_loss(loss_fn: Callable, params: tuple, inputs: tuple) -> Callable:
-    """``torch.jit.trace`` of ``loss_fn(*inputs)`` with the parameter leaves and tensor inputs as graph inputs.
-
-    The traced graph replays the model's and guide's tensor operations without Pyro's tracing machinery;
-    Python control flow is frozen at the first call, so only models whose structure does not depend on
-    the data values may use it. Returns ``f(*inputs) -> loss``.
-    """
-    count = len(params)
-
-    def flat(*params_and_inputs):
-        return loss_fn(*params_and_inputs[count:])
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pyro.validation_enabled(False):
-            compiled = torch.jit.trace(flat, tuple(params) + tuple(inputs), check_trace=False)
-
-    def run(*inputs):
-        return compiled(*params, *inputs)
-
-    return run
-
-
 def _module_parameter_slots(modules, params: tuple) -> list[tuple[torch.nn.Module, str, int]]:
     """``(module, attribute, index into params)`` for each plain ``nn.Parameter`` of ``modules`` that is one
     of ``params``: a ``PyroModule`` reads those from itself (its ``pyro.param`` call's value is ignored),

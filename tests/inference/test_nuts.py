@@ -218,3 +218,22 @@ def test_bad_models_and_data():
         engine.run_potential(lambda z: (z**2).sum(-1), torch.zeros(2, 3, 4))
     with pytest.raises(ValueError, match="one value per row"):
         engine.run_potential(lambda z: (z**2).sum(), torch.zeros(3))
+
+
+def test_observed_scale_multiplies_the_likelihood_not_the_prior():
+    # poutine.condition marks the latent values as observed too: only the data may be scaled by n / b.
+    from bmm_ppl.inference.potential import ModelPotential
+
+    def model(y):
+        m = pyro.sample("m", dist.Normal(torch.zeros((), dtype=y.dtype), 2.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(m, 1.0), obs=y)
+
+    y = torch.tensor([0.3, -1.2, 0.8, 2.0], dtype=torch.float64)
+    potential = ModelPotential(model, (y,))
+    z = torch.tensor([[0.4], [-0.7]], dtype=torch.float64)
+    batch = y[:2]
+    got = potential(z, data=((batch,), {}), observed_scale=2.0)
+    prior = dist.Normal(0.0, 2.0).log_prob(z[:, 0])
+    likelihood = dist.Normal(z, 1.0).log_prob(batch).sum(-1)
+    torch.testing.assert_close(got, -(prior + 2.0 * likelihood))

@@ -45,6 +45,18 @@ def test_recovers_the_conjugate_posterior_with_a_small_step(method):
     assert post.sample_stats["potential_energy"].shape == (16, 2500)
 
 
+def test_minibatched_sgld_recovers_the_conjugate_posterior():
+    # Only the likelihood is scaled by n / b = 4: a prior scaled with it (as before this test) moved the
+    # slope's mean by ~0.9 sd. The minibatch gradient's variance, about (n^2 / b)(1 - b / n) ~ 60, adds
+    # step * Var / 2 ~ 3% to the injected noise variance: ~1.5% on the sds, inside the 10% tolerance.
+    x, y = data()
+    mean, sd = exact_mean_sd(x, y)
+    post = SGLD(num_samples=2500, warmup_steps=500, num_chains=16, lr=1e-3, batch_size=5, jit=True,
+                progress=False).fit(MODEL, x, y)
+    assert post.diagnostics["jit"] == "graph"
+    assert_matches(post.draws()["w"], mean, sd)
+
+
 def test_preconditioned_minibatched_thinned_and_scheduled_runs_land_near_the_posterior():
     x, y = data()
     mean, sd = exact_mean_sd(x, y)
@@ -125,3 +137,142 @@ def test_bad_data():
         SGLD(batch_size=100, progress=False).fit(MODEL, x, y)
     with pytest.raises(TypeError, match="model"):
         SGLD(progress=False).fit(None, x, y)
+
+
+# ---------------------------------------------------------------------------- captured minibatch potential
+@pytest.mark.parametrize("method", ["sgld", "psgld", "sghmc"])
+def test_jit_runs_the_same_chain_as_the_model(method):
+    # Same seed, same minibatches and noise: the captured graph computes what the model run computes.
+    x, y = data()
+    chains = {}
+    for jit in (False, True):
+        pyro.set_rng_seed(3)
+        post = SGLD(num_samples=100, warmup_steps=50, num_chains=3, lr=1e-3, method=method, batch_size=8,
+                    thin=2, jit=jit, progress=False).fit(MODEL, x, y)
+        assert post.diagnostics["jit"] == ("graph" if jit else "none")
+        chains[jit] = post
+    torch.testing.assert_close(chains[True].draws()["w"], chains[False].draws()["w"], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(chains[True].sample_stats["potential_energy"],
+                               chains[False].sample_stats["potential_energy"], rtol=1e-9, atol=1e-8)
+
+
+def test_jit_full_data_steps_match_the_model():
+    x, y = data()
+    draws = []
+    for jit in (False, True):
+        pyro.set_rng_seed(4)
+        post = SGLD(num_samples=50, warmup_steps=10, num_chains=2, lr=1e-3, jit=jit, progress=False).fit(MODEL, x, y)
+        draws.append(post.draws()["w"])
+    torch.testing.assert_close(draws[1], draws[0], rtol=1e-9, atol=1e-10)
+
+
+def test_captured_minibatch_potential_is_the_scaled_batch_likelihood_plus_prior():
+    # U(z) = -(n/b) sum_batch log N(y_i | m, s) - log N(m | 0, 3) - log LogNormal(s | 0, 1) - log s  (s = exp z_s)
+    from bmm_ppl.inference.minibatch_potential import DataSplit, compiled_minibatch_potential_and_grad
+    from bmm_ppl.inference.potential import ModelPotential
+
+    y = torch.linspace(-2.0, 3.0, 12, dtype=torch.float64)
+    offset = torch.tensor(0.5, dtype=torch.float64)  # not data: its first dimension is not n
+
+    def model(y, offset):
+        m = pyro.sample("m", dist.Normal(torch.zeros((), dtype=y.dtype), 3.0))
+        s = pyro.sample("s", dist.LogNormal(torch.zeros((), dtype=y.dtype), 1.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("obs", dist.Normal(m + offset, s), obs=y)
+
+    potential = ModelPotential(model, (y, offset))
+    split = DataSplit.of((y, offset), {}, 12)
+    assert split.positions == (0,)
+    n, b = 12, 4
+    example = torch.zeros(2, 2, dtype=torch.float64)
+    captured, kind = compiled_minibatch_potential_and_grad(potential, split, n / b, example, (y[:b],), (y[b: 2 * b],))
+    assert kind == "graph"
+
+    def expected(z, batch):
+        m, log_s = z[:, 0:1], z[:, 1:2]
+        s = log_s.exp()
+        likelihood = dist.Normal(m + offset, s).log_prob(batch).sum(-1)
+        prior = dist.Normal(0.0, 3.0).log_prob(m[:, 0]) + dist.LogNormal(0.0, 1.0).log_prob(s[:, 0])
+        return -((n / b) * likelihood + prior + log_s[:, 0])
+
+    z = torch.tensor([[0.3, -0.2], [-1.0, 0.4]], dtype=torch.float64)
+    for batch in (y[8:], y[[0, 5, 7, 11]]):
+        value, grad = captured(z, (batch,))
+        point = z.clone().requires_grad_(True)
+        reference = expected(point, batch)
+        (reference_grad,) = torch.autograd.grad(reference.sum(), point)
+        torch.testing.assert_close(value, reference.detach())
+        torch.testing.assert_close(grad, reference_grad)
+
+
+def test_value_dependent_control_flow_falls_back_to_running_the_model():
+    y = torch.linspace(-1.0, 2.0, 30, dtype=torch.float64)
+
+    def model(y):
+        loc = pyro.sample("loc", dist.Normal(torch.zeros((), dtype=y.dtype), 2.0))
+        scale = 1.0 if loc > 0 else 2.0  # reads a value: a captured graph would freeze one branch
+        with pyro.plate("data", len(y)):
+            pyro.sample("obs", dist.Normal(loc, scale), obs=y)
+
+    draws = []
+    for jit in (False, True):
+        pyro.set_rng_seed(5)
+        post = SGLD(num_samples=40, warmup_steps=10, num_chains=2, lr=1e-3, batch_size=10, jit=jit,
+                    progress=False).fit(model, y)
+        assert post.diagnostics["jit"] == "none"
+        draws.append(post.draws()["loc"])
+    torch.testing.assert_close(draws[1], draws[0], rtol=0, atol=0)  # the failed capture left the RNG alone
+
+
+def test_a_value_read_of_the_minibatch_falls_back():
+    # A per-batch normaliser read into Python would freeze the first minibatch's value into the graph.
+    y = torch.linspace(0.5, 3.0, 30, dtype=torch.float64)
+
+    def model(y):
+        loc = pyro.sample("loc", dist.Normal(torch.zeros((), dtype=y.dtype), 2.0))
+        spread = float(y.max())
+        with pyro.plate("data", len(y)):
+            pyro.sample("obs", dist.Normal(loc, spread), obs=y)
+
+    post = SGLD(num_samples=20, warmup_steps=0, lr=1e-3, batch_size=10, jit=True, progress=False).fit(model, y)
+    assert post.diagnostics["jit"] == "none"
+
+
+def test_a_self_subsampling_model_falls_back_and_keeps_the_plate_scale():
+    # pyro.plate(subsample_size=...) draws its indices inside the model: recorded as a random operation,
+    # whose draws differ from the model run's at the probe point, so the capture is dropped.
+    y = torch.linspace(-1, 1, 40, dtype=torch.float64) + 2.0
+
+    def model(y):
+        loc = pyro.sample("loc", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 10.0))
+        with pyro.plate("data", len(y), subsample_size=10) as index:
+            pyro.sample("obs", dist.Normal(loc, 1.0), obs=y[index])
+
+    post = SGLD(num_samples=800, warmup_steps=200, num_chains=4, lr=4e-3, jit=True, progress=False).fit(model, y)
+    assert post.diagnostics["jit"] == "none"
+    loc = post.draws()["loc"]
+    assert abs(loc.mean() - 2.0) < 0.1 and 0.1 < loc.std() < 0.25
+
+
+def test_jit_divergence_is_raised_with_its_step():
+    x, y = data()
+    with pytest.raises(DivergenceError, match=r"by step \d+ .*lower lr"):
+        SGLD(num_samples=200, warmup_steps=0, lr=5.0, batch_size=5, jit=True, progress=False).fit(MODEL, x, y)
+
+
+def test_jit_device_discipline():
+    x, y = data()
+    with default_device("meta"):
+        post = SGLD(num_samples=20, warmup_steps=20, num_chains=2, lr=1e-3, batch_size=5, method="psgld",
+                    jit=True, progress=False).fit(MODEL, x, y)
+    assert post.diagnostics["jit"] == "graph"
+    assert post.draws()["w"].device.type == "cpu"
+
+
+@pytest.mark.gpu
+def test_jit_sgld_on_gpu():
+    x, y = data("cuda")
+    post = SGLD(num_samples=50, warmup_steps=50, num_chains=4, lr=1e-3, batch_size=5, jit=True,
+                progress=False).fit(MODEL, x, y)
+    assert post.diagnostics["jit"] == "graph"
+    assert post.draws()["w"].device.type == "cuda"

@@ -159,8 +159,10 @@ def test_nan_loss_raises_divergence_naming_the_step():
             pyro.sample("obs", dist.Normal(w * x, 1.0), obs=y)
 
     # Pyro's validation would reject the NaN factor itself; switch it off to see the engine's own check.
+    # The model has a Python side effect (a call counter), so it must run eagerly: a captured graph
+    # replays the tensor operations of the one recorded call.
     with pyro.validation_enabled(False), pytest.raises(DivergenceError, match=r"diverged at step 1[0-9][0-9]"):
-        SVI("normal", num_steps=500, progress=False).fit(model, x, y)
+        SVI("normal", num_steps=500, jit=False, progress=False).fit(model, x, y)
 
 
 def test_exploding_optimiser_raises_divergence():
@@ -253,7 +255,7 @@ def test_captured_gradients_follow_the_eager_run(batch_size):
         torch.testing.assert_close(runs[True].hyperparameters[name], runs[False].hyperparameters[name], rtol=1e-6, atol=0)
 
 
-def test_jit_falls_back_for_pyro_module_parameters():
+def test_jit_falls_back_to_eager_steps_for_pyro_module_parameters():
     # pyro.module writes the store's values back into the nn.Module: the graph capture must not run.
     net = torch.nn.Linear(1, 1).double()
     x, y = sine_data(torch.float64)
@@ -265,7 +267,7 @@ def test_jit_falls_back_for_pyro_module_parameters():
             pyro.sample("obs", dist.Normal(net(x.unsqueeze(-1)).squeeze(-1), scale), obs=y)
 
     post = SVI("normal", num_steps=30, evidence_particles=10, jit=True, progress=False).fit(model, x, y)
-    assert post.diagnostics["jit"] == "trace"
+    assert post.diagnostics["jit"] == "none"
     assert isinstance(net.weight, torch.nn.Parameter)
 
 
@@ -333,5 +335,4 @@ def test_streaming_from_a_dataloader(exact_cubic):
     assert abs(float(post.hyperparameters["beta"] / exact_cubic.hyperparameters["beta"]) - 1) < 0.25
     assert post.diagnostics["num_data"] == 40
     assert post.predict(x, num_samples=3)["obs"].shape == (3, 40)
-    with pytest.raises(ValueError, match="jit=True"):
-        SVI(jit=True).fit(CUBIC, loader)
+    assert post.diagnostics.get("jit", "none") == "none"  # varying batch shapes: the steps ran eagerly

@@ -85,7 +85,8 @@ class _Hamiltonian:
             potential_and_grad, jitted, functional = None, "none", None
             if self.jit:
                 potential_and_grad, jitted = compiled_potential_and_grad(potential, init)
-                functional = functional_potential_and_grad(potential)
+                if potential_and_grad is not None:
+                    functional = functional_potential_and_grad(potential)
             potential_and_grad = potential_and_grad or potential.potential_and_grad
             z, energy, grad = uniform_init(
                 potential_and_grad, self.num_chains, potential.dim, potential.dtype, potential.device, self.init_radius
@@ -241,10 +242,14 @@ class NUTS(_Hamiltonian):
             (unconstrained space).
         target_accept_prob: the mean acceptance the step size is tuned to.
         max_tree_depth: at most ``2**max_tree_depth - 1`` leapfrog steps per draw.
-        jit: capture the potential and its gradient as one traced graph (see
-            :func:`~bmm_ppl.inference.potential.compiled_potential_and_grad`; checked against the untraced
-            potential, falling back to it where capture fails: ``diagnostics["jit"]`` says which ran).
-            Several times faster for models whose control flow does not depend on values.
+        jit: capture the potential and its gradient as one simplified graph
+            (:func:`~bmm_ppl.inference.potential.compiled_potential_and_grad`), and each step of the tree
+            (a leaf with its leapfrog step, a merge, the opening of a subtree) with it
+            (:class:`~bmm_ppl.inference.hmc.nuts_kernel.NUTSKernel`). Recording refuses Python control
+            flow on latent values, and every graph must reproduce its eager counterpart on a probe; where
+            capture fails the sampler runs eagerly. ``diagnostics["jit"]``: ``"kernel"`` (all captured),
+            ``"graph"`` (the potential only) or ``"none"``. About five times faster. The model's Python code
+            runs only while recording (side effects happen once); ``False`` runs eagerly.
         step_size: the initial step size (``None``: found heuristically).
         adapt_step_size, adapt_mass_matrix: switch the two adaptations.
         evidence: ``"bridge"`` to attach a bridge-sampling log evidence
@@ -268,7 +273,7 @@ class NUTS(_Hamiltonian):
     engine_name = "NUTS"
 
     def __init__(self, num_samples: int = 1000, warmup_steps: int = 500, num_chains: int = 1,
-                 target_accept_prob: float = 0.8, max_tree_depth: int = 10, jit: bool = False,
+                 target_accept_prob: float = 0.8, max_tree_depth: int = 10, jit: bool = True,
                  step_size: float | None = None, adapt_step_size: bool = True, adapt_mass_matrix: bool = True,
                  init_radius: float = 2.0, evidence: str | None = None, device=None, progress: bool = True):
         super().__init__(num_samples, warmup_steps, num_chains, target_accept_prob, step_size, adapt_step_size,
@@ -300,7 +305,7 @@ class HMC(_Hamiltonian):
     engine_name = "HMC"
 
     def __init__(self, num_samples: int = 1000, warmup_steps: int = 500, num_chains: int = 1,
-                 target_accept_prob: float = 0.8, num_steps: int = 10, jit: bool = False,
+                 target_accept_prob: float = 0.8, num_steps: int = 10, jit: bool = True,
                  step_size: float | None = None, adapt_step_size: bool = True, adapt_mass_matrix: bool = True,
                  init_radius: float = 2.0, evidence: str | None = None, device=None, progress: bool = True):
         super().__init__(num_samples, warmup_steps, num_chains, target_accept_prob, step_size, adapt_step_size,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import itertools
+from typing import Callable, Iterator
 
 import pyro
 import torch
@@ -10,6 +11,11 @@ from tqdm.auto import tqdm
 
 from bmm_ppl._enums import StrEnum
 from bmm_ppl.inference.errors import DivergenceError
+from bmm_ppl.inference.minibatch_potential import (
+    DataSplit,
+    compiled_minibatch_potential_and_grad,
+    eager_minibatch_potential_and_grad,
+)
 from bmm_ppl.inference.posterior import Posterior
 from bmm_ppl.inference.potential import ModelPotential, check_model, constrained_draws, uniform_init
 from bmm_ppl.validation import prepare_data
@@ -21,6 +27,9 @@ class SGMCMCMethod(StrEnum):
     PSGLD = "psgld"
     SGHMC = "sghmc"
 
+
+# Steps between host-side finiteness checks: each check synchronises with the device once.
+_CHECK_EVERY = 100
 
 _UPDATES = {SGMCMCMethod.SGLD: sgld_update, SGMCMCMethod.PSGLD: psgld_update, SGMCMCMethod.SGHMC: sghmc_update}
 
@@ -34,15 +43,6 @@ def polynomial_decay(lr: float, gamma: float = 0.55, t0: float = 100.0) -> Calla
         (0.01, 0.005)
     """
     return lambda t: lr * (1.0 + t / t0) ** (-gamma)
-
-
-def _minibatch(args: tuple, kwargs: dict, size: int, index: torch.Tensor):
-    """Slices every tensor argument whose first dimension is the data size."""
-
-    def cut(value):
-        return value[index] if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size else value
-
-    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
 
 
 class SGLD:
@@ -63,10 +63,21 @@ class SGLD:
         thin: keep every ``thin``-th draw.
         temperature: scales the injected noise (1 samples the posterior; < 1 a cold posterior).
         friction: SGHMC's friction; preconditioner_decay: pSGLD's RMSprop decay.
+        jit: capture the minibatch potential and its gradient as one traced graph whose inputs are the
+            position and the minibatch (see
+            :func:`~bmm_ppl.inference.minibatch_potential.compiled_minibatch_potential_and_grad`), checked
+            against the model run at a second point and minibatch and falling back to running the model
+            each step where capture fails (control flow that reads tensor values, random operations):
+            ``diagnostics["jit"]`` is ``"graph"`` or ``"none"``. Several times faster per step. The model's
+            Python code runs only while recording (side effects happen once); ``False`` runs eagerly.
         device: move the data here first; progress: tqdm bar.
 
+    Minibatches walk through a fresh permutation of the data each epoch; the last ``n mod batch_size`` rows
+    of a permutation are skipped, so every minibatch has the same size (one capture serves all).
+
     A non-finite potential or position raises :class:`~bmm_ppl.inference.errors.DivergenceError` naming the
-    step (lower ``lr``).
+    step (lower ``lr``). It is checked on the device and read by the host once per 100 steps, so a
+    diverging run stops within 100 steps of the first non-finite value.
 
     Example:
         >>> import pyro.distributions as dist
@@ -79,7 +90,7 @@ class SGLD:
     def __init__(self, num_samples: int = 1000, warmup_steps: int = 1000, num_chains: int = 1, lr=1e-3,
                  method: str | SGMCMCMethod = "sgld", batch_size: int | None = None, thin: int = 1,
                  temperature: float = 1.0, friction: float = 0.1, preconditioner_decay: float = 0.99,
-                 device=None, progress: bool = True):
+                 jit: bool = True, device=None, progress: bool = True):
         for name, value, minimum in (("num_samples", num_samples, 1), ("warmup_steps", warmup_steps, 0),
                                      ("num_chains", num_chains, 1), ("thin", thin, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -101,6 +112,7 @@ class SGLD:
         self.temperature = float(temperature)
         self.options = {SGMCMCMethod.SGHMC: {"friction": float(friction)},
                         SGMCMCMethod.PSGLD: {"decay": float(preconditioner_decay)}}.get(self.method, {})
+        self.jit = bool(jit)
         self.device = None if device is None else torch.device(device)
         self.progress = progress
 
@@ -121,10 +133,11 @@ class SGLD:
             data_size = self._data_size(args, kwargs)
             z, _, _ = uniform_init(potential.potential_and_grad, self.num_chains, potential.dim, potential.dtype,
                                    potential.device)
-            flat, stats = self._run(potential, z, args, kwargs, data_size)
+            potential_and_grad, batches, jitted = self._minibatch_potential(potential, z, data_size)
+            flat, stats = self._run(potential_and_grad, batches, z)
             draws = constrained_draws(potential, flat)
         diagnostics = {"method": self.method.value, "batch_size": self.batch_size, "data_size": data_size,
-                       "vectorised_over_chains": potential.vectorised}
+                       "vectorised_over_chains": potential.vectorised, "jit": jitted}
         return Posterior(model, args, kwargs, draws=draws, sample_stats=stats, diagnostics=diagnostics,
                          engine=f"SGLD({self.method.value})")
 
@@ -139,41 +152,74 @@ class SGLD:
             raise ValueError(f"batch_size={self.batch_size} exceeds the {size} data points")
         return size
 
-    def _run(self, potential, z, args, kwargs, data_size):
-        update = _UPDATES[self.method]
-        total = self.warmup_steps + self.num_samples * self.thin
-        draws = z.new_zeros(self.num_samples, z.shape[0], z.shape[1])
-        energies = z.new_zeros(self.num_samples, z.shape[0])
-        step_sizes = z.new_zeros(self.num_samples)
-        finite = torch.ones((), dtype=torch.bool, device=z.device)
-        first_bad = None
+    def _minibatch_potential(self, potential: ModelPotential, z: torch.Tensor, data_size: int | None):
+        """``(potential_and_grad(z, batch), batches, jit kind)``: the (captured or eager) minibatch potential
+        and an endless iterator of minibatches (``()`` for full-data steps)."""
+        if data_size is None:
+            split, scale, batches = None, 1.0, itertools.repeat(())
+            example = probe = ()
+        else:
+            split, scale = DataSplit.of(potential.args, potential.kwargs, data_size), data_size / self.batch_size
+            tensors = split.tensors(potential.args, potential.kwargs)
+            batches = self._shuffled_batches(tensors, data_size, z.device)
+            size = self.batch_size
+            example = tuple(t[:size] for t in tensors)
+            # A second, different minibatch for the capture check (overlapping only when 2 b > n).
+            probe = tuple(t[data_size - size:] if 2 * size > data_size else t[size: 2 * size] for t in tensors)
+        potential_and_grad, kind = None, "none"
+        if self.jit:
+            potential_and_grad, kind = compiled_minibatch_potential_and_grad(potential, split, scale, z, example, probe)
+        if potential_and_grad is None:
+            potential_and_grad = eager_minibatch_potential_and_grad(potential, split, scale)
+        return potential_and_grad, batches, kind
+
+    def _shuffled_batches(self, tensors: tuple, data_size: int, device) -> Iterator[tuple]:
+        """Minibatches of ``batch_size`` rows: each epoch gathers the data once in a fresh random order, and
+        each step takes a contiguous slice of it (a view, no per-step gather)."""
+        size = self.batch_size
+        while True:
+            order = torch.randperm(data_size, device=device)
+            shuffled = tuple(t[order] for t in tensors)
+            for start in range(0, data_size - size + 1, size):
+                yield tuple(t[start: start + size] for t in shuffled)
+
+    def _run(self, potential_and_grad, batches: Iterator[tuple], z: torch.Tensor):
+        """The sampling loop. Per step: one potential-and-gradient call, one update and list appends (no host
+        synchronisation); the potentials are stacked and checked for finiteness on the device, and the
+        result read by the host, every ``_CHECK_EVERY`` steps."""
+        update, options, temperature = _UPDATES[self.method], self.options, self.temperature
+        warmup, thin = self.warmup_steps, self.thin
+        total = warmup + self.num_samples * thin
+        kept_draws, kept_energies, kept_step_sizes = [], [], []
+        pending_energies = []  # since the last check
         state: dict = {}
-        order, cursor = None, 0
-        for t in tqdm(range(total), desc=f"SGLD({self.method.value})", disable=not self.progress, leave=False):
-            data, scale = None, 1.0
-            if data_size is not None:
-                if order is None or cursor + self.batch_size > data_size:
-                    order, cursor = torch.randperm(data_size, device=z.device), 0
-                index = order[cursor: cursor + self.batch_size]
-                cursor += self.batch_size
-                data, scale = _minibatch(args, kwargs, data_size, index), data_size / self.batch_size
-            energy, grad = potential.potential_and_grad(z, data, scale)
-            eps = self._step_size(t)
-            z, state = update(z, grad, state, eps, self.temperature, **self.options)
-            finite = finite & torch.isfinite(energy).all() & torch.isfinite(z).all()
-            if t % 100 == 99 or t == total - 1:  # one host check per 100 steps
-                if not bool(finite):
-                    first_bad = t
-                    break
-            kept = t - self.warmup_steps
-            if kept >= 0 and kept % self.thin == 0:
-                j = kept // self.thin
-                draws[j], energies[j], step_sizes[j] = z, energy, eps
-        if first_bad is not None:
-            raise DivergenceError(
-                f"SGLD({self.method.value}) diverged: non-finite potential or position by step {first_bad + 1} "
-                f"(lr at that step {self._step_size(first_bad):.3g}); lower lr"
-            )
-        stats = {"potential_energy": energies.transpose(0, 1),
-                 "step_size": step_sizes.unsqueeze(0).expand(z.shape[0], -1).contiguous()}
-        return draws.transpose(0, 1).contiguous(), stats
+        progress = tqdm(range(total), desc=f"SGLD({self.method.value})", disable=not self.progress, leave=False)
+        for t, batch in zip(progress, batches):
+            energy, grad = potential_and_grad(z, batch)
+            step_size = self._step_size(t)
+            z, state = update(z, grad, state, step_size, temperature, **options)
+            pending_energies.append(energy)
+            if t >= warmup and (t - warmup) % thin == 0:
+                kept_draws.append(z)
+                kept_energies.append(energy)
+                kept_step_sizes.append(step_size)
+            if len(pending_energies) == _CHECK_EVERY or t == total - 1:
+                energies = torch.stack(pending_energies)
+                if not bool(torch.isfinite(energies).all() & torch.isfinite(z).all()):
+                    self._diverged(energies, t)
+                pending_energies = []
+        draws = torch.stack(kept_draws, 1)  # (chain, draw, D)
+        stats = {"potential_energy": torch.stack(kept_energies, 1),
+                 "step_size": torch.tensor(kept_step_sizes, dtype=z.dtype, device=z.device)
+                 .unsqueeze(0).expand(z.shape[0], -1).contiguous()}
+        return draws, stats
+
+    def _diverged(self, energies: torch.Tensor, t: int):
+        """Raises the divergence error, naming the first step with a non-finite potential in the block
+        ``energies: Tensor[k, C]`` that ends at step ``t`` (or ``t`` itself where only the position is)."""
+        bad = (~torch.isfinite(energies).all(-1)).nonzero()
+        first = t - energies.shape[0] + 1 + int(bad[0]) if len(bad) else t
+        raise DivergenceError(
+            f"SGLD({self.method.value}) diverged: non-finite potential or position by step {first + 1} "
+            f"(lr at that step {self._step_size(first):.3g}); lower lr"
+        )

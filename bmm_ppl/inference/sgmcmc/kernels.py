@@ -2,7 +2,15 @@
 
 Each update is a pure function of ``(z: Tensor[C, D], grad: Tensor[C, D], state, step_size, temperature)``
 returning ``(z, state)``, where ``grad`` is a (minibatch) estimate of ``dU/dz`` for the potential
-``U = -log p(data, z)`` and ``temperature`` scales the injected noise (1: the posterior).
+``U = -log p(data, z)`` and ``temperature`` scales the injected noise (1: the posterior). The returned
+``z`` is always a new tensor (the engine keeps references to earlier ones as draws); the arithmetic is
+written with few, fused operations because it runs once per step.
+
+Example:
+    >>> z, grad = torch.zeros(2, 3), torch.ones(2, 3)
+    >>> z, state = sgld_update(z, grad, {}, step_size=0.1, temperature=0.0)
+    >>> z[0]
+    tensor([-0.1000, -0.1000, -0.1000])
 """
 
 from __future__ import annotations
@@ -13,26 +21,43 @@ import torch
 
 
 def sgld_update(z, grad, state, step_size: float, temperature: float = 1.0):
-    """Welling & Teh (2011): ``z - eps grad + sqrt(2 eps T) xi``."""
-    noise = torch.randn_like(z) * math.sqrt(2.0 * step_size * temperature)
-    return z - step_size * grad + noise, state
+    """Welling & Teh (2011): ``z - eps grad + sqrt(2 eps T) xi`` with ``xi ~ N(0, I)``."""
+    moved = torch.add(z, grad, alpha=-step_size)
+    if temperature == 0:
+        return moved, state
+    return moved.add_(torch.randn_like(z), alpha=math.sqrt(2.0 * step_size * temperature)), state
 
 
 def psgld_update(z, grad, state, step_size: float, temperature: float = 1.0, decay: float = 0.99, eps: float = 1e-5):
-    """Li et al. (2016): RMSprop-preconditioned SGLD, ``G = 1 / (eps + sqrt(V))`` with
-    ``V <- decay V + (1 - decay) grad^2`` (the small ``Gamma`` correction term is dropped, as usual)."""
+    """Li et al. (2016): RMSprop-preconditioned SGLD,
+    ``z - eps G grad + N(0, 2 eps T G)`` with ``G = diag(1 / (eps + sqrt(V)))`` and
+    ``V <- decay V + (1 - decay) grad^2`` (``V`` starts at the first ``grad^2``).
+
+    Approximation: the drift term ``eps Gamma(z)``, ``Gamma_i = sum_j dG_ij / dz_j``, that makes a
+    position-dependent preconditioner leave the posterior invariant is omitted, as in Li et al.'s
+    Algorithm 1. Without it the chain samples the posterior only approximately: the bias is small when
+    ``V`` changes slowly (``decay`` near 1, a stationary chain), but it is not controlled by the step size
+    alone. Computing ``Gamma`` needs derivatives of the squared-gradient average, one extra backward
+    pass per step; use SGLD or SGHMC where exactness at small steps matters.
+    """
     square = state.get("square_avg")
-    square = grad * grad if square is None else decay * square + (1 - decay) * grad * grad
-    precondition = 1.0 / (eps + square.sqrt())
-    noise = torch.randn_like(z) * (2.0 * step_size * temperature * precondition).sqrt()
-    return z - step_size * precondition * grad + noise, {"square_avg": square}
+    square = grad * grad if square is None else square.mul(decay).addcmul_(grad, grad, value=1 - decay)
+    precondition = square.sqrt().add_(eps).reciprocal_()
+    moved = torch.addcmul(z, precondition, grad, value=-step_size)
+    if temperature != 0:
+        spread = precondition.mul(2.0 * step_size * temperature).sqrt_()
+        moved.addcmul_(torch.randn_like(z), spread)
+    return moved, {"square_avg": square}
 
 
 def sghmc_update(z, grad, state, step_size: float, temperature: float = 1.0, friction: float = 0.1):
     """Chen et al. (2014) in the ``v <- (1 - friction) v - eps grad + N(0, 2 friction eps T)``, ``z <- z + v``
-    parameterisation (the gradient-noise estimate ``beta_hat`` taken as 0)."""
+    parameterisation (``friction`` is ``alpha = eps C`` of the paper with unit mass, ``eps`` the squared
+    step). The gradient-noise estimate ``beta_hat`` is taken as 0: the minibatch gradient adds variance
+    ``eps^2 Var(grad)`` per step to the injected ``2 friction eps T``, so the chain is hotter than ``T``
+    unless ``eps Var(grad) << 2 friction T`` (a small step or a large ``friction``)."""
     velocity = state.get("velocity")
-    velocity = torch.zeros_like(z) if velocity is None else velocity
-    noise = torch.randn_like(z) * math.sqrt(2.0 * friction * step_size * temperature)
-    velocity = (1 - friction) * velocity - step_size * grad + noise
+    velocity = -step_size * grad if velocity is None else velocity.mul(1 - friction).sub_(grad, alpha=step_size)
+    if temperature != 0:
+        velocity.add_(torch.randn_like(z), alpha=math.sqrt(2.0 * friction * step_size * temperature))
     return z + velocity, {"velocity": velocity}
