@@ -83,5 +83,6 @@ def test_outputs_that_do_not_depend_on_input_values_still_capture():
 )
 def test_checkpoint_masks_of_the_iterative_tree(leaf, store, check):
     store_mask, check_mask = _checkpoint_masks(leaf, 5, torch.device("cpu"))
-    assert store_mask.nonzero().flatten().tolist() == store
+    assert store_mask.shape == (5, 1)
+    assert store_mask.flatten().nonzero().flatten().tolist() == store
     assert check_mask.nonzero().flatten().tolist() == check

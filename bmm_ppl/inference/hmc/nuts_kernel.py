@@ -73,7 +73,9 @@ class Subtree(NamedTuple):
     sum_accept: torch.Tensor  # Tensor[C]
     num_steps: torch.Tensor  # Tensor[C]
     forward: torch.Tensor  # Tensor[C] bool: the direction of this doubling
-    step: torch.Tensor  # Tensor[C]: signed step size
+    half_step: torch.Tensor  # Tensor[C, 1]: half the signed step size
+    step_inv_mass: torch.Tensor  # Tensor[C, D]: signed step size times the inverse mass
+    any_building: torch.Tensor  # Tensor[] bool: whether any chain still builds (read once per leaf)
 
 
 def _col(mask: torch.Tensor) -> torch.Tensor:
@@ -85,7 +87,7 @@ def _no_turn(v_begin: torch.Tensor, v_end: torch.Tensor, r_sum: torch.Tensor) ->
     return ((v_begin * r_sum).sum(-1) > 0) & ((v_end * r_sum).sum(-1) > 0)
 
 
-def begin_doubling(tree: Trajectory, step_size: torch.Tensor, num_checkpoints: int) -> Subtree:
+def begin_doubling(tree: Trajectory, step_size: torch.Tensor, inv_mass: torch.Tensor, num_checkpoints: int) -> Subtree:
     """Draws each chain's direction and opens an empty subtree at that end of the trajectory."""
     forward = torch.rand_like(step_size) < 0.5
     col = _col(forward)
@@ -93,6 +95,7 @@ def begin_doubling(tree: Trajectory, step_size: torch.Tensor, num_checkpoints: i
     potential = torch.where(forward, tree.plus_potential, tree.minus_potential)
     grad = torch.where(col, tree.plus_grad, tree.minus_grad)
     checkpoints = z.new_zeros(z.shape[:1] + (num_checkpoints,) + z.shape[1:])
+    step = _col(torch.where(forward, step_size, -step_size))
     return Subtree(
         z=z, r=torch.where(col, tree.plus_r, tree.minus_r), grad=grad, potential=potential,
         proposal_z=z, proposal_potential=potential, proposal_grad=grad,
@@ -100,57 +103,60 @@ def begin_doubling(tree: Trajectory, step_size: torch.Tensor, num_checkpoints: i
         r_checkpoints=checkpoints, r_sum_checkpoints=checkpoints,
         building=tree.active, turning=torch.zeros_like(tree.active), diverging=torch.zeros_like(tree.active),
         sum_accept=torch.zeros_like(step_size), num_steps=torch.zeros_like(step_size),
-        forward=forward, step=torch.where(forward, step_size, -step_size),
+        forward=forward, half_step=0.5 * step, step_inv_mass=step * inv_mass, any_building=tree.active.any(),
     )
 
 
-def add_leaf(potential_and_grad, sub: Subtree, inv_mass: torch.Tensor, energy0: torch.Tensor,
-             store: torch.Tensor, check: torch.Tensor) -> Subtree:
+def add_leaf(potential_and_grad, sub: Subtree, half_inv_mass: torch.Tensor, inv_mass: torch.Tensor,
+             energy0: torch.Tensor, store: torch.Tensor, check: torch.Tensor) -> Subtree:
     """One leapfrog step of every building chain, added to its subtree.
 
     Args:
         potential_and_grad: ``z: Tensor[C, D] -> (U: Tensor[C], dU/dz: Tensor[C, D])``.
-        inv_mass: Tensor[C, D]; energy0: Tensor[C] the Hamiltonian at the transition's start.
-        store: Tensor[K] bool, the checkpoint this leaf opens (none for a leaf that closes sub-subtrees).
+        half_inv_mass: Tensor[C, D] half the inverse mass; inv_mass: Tensor[C, 1, D] the inverse mass.
+        energy0: Tensor[C] the Hamiltonian at the transition's start.
+        store: Tensor[K, 1] bool, the checkpoint this leaf opens (none for a leaf that closes sub-subtrees).
         check: Tensor[K] bool, the checkpoints whose sub-subtrees this leaf closes.
     """
     # Only the statistics (acceptance, step count, divergence) and the building flag are masked: the
-    # rest of a chain's subtree state is never read once it stops building (its subtree is not merged).
+    # rest of a chain's subtree state is never read once it stops building (its subtree is not merged),
+    # and the rows of the batched potential are independent, so a stopped chain may go on integrating.
     building = sub.building
-    eps = _col(sub.step)
-    r_half = sub.r - 0.5 * eps * sub.grad
-    # A chain that stopped is evaluated where it stands, and its results are discarded.
-    z_new = torch.where(_col(building), sub.z + eps * inv_mass * r_half, sub.z)
+    r_half = torch.addcmul(sub.r, sub.half_step, sub.grad, value=-1.0)
+    z_new = torch.addcmul(sub.z, sub.step_inv_mass, r_half)
     potential, grad = potential_and_grad(z_new)
-    r_new = r_half - 0.5 * eps * grad
-    energy = potential + kinetic_energy(r_new, inv_mass)
-    delta = torch.nan_to_num(energy - energy0, nan=math.inf, posinf=math.inf, neginf=math.inf)
+    r_new = torch.addcmul(r_half, sub.half_step, grad, value=-1.0)
+    delta = potential - energy0 + (r_new * r_new * half_inv_mass).sum(-1)  # H(new) - H(start)
+    delta = torch.nan_to_num(delta, nan=math.inf, posinf=math.inf, neginf=math.inf)
     log_weight = -delta
     diverging = building & (delta > MAX_ENERGY_ERROR)
-    accept = torch.clamp(torch.exp(log_weight), max=1.0) * building
+    accept = torch.exp(log_weight).clamp(max=1.0) * building
     # Progressive multinomial sampling within the subtree: the new leaf replaces the proposal with
     # probability w_leaf / (w_subtree + w_leaf).
     merged_weight = torch.logaddexp(sub.log_weight, log_weight)
-    take = _col(torch.rand_like(delta) < torch.exp(log_weight - merged_weight))
+    take = torch.rand_like(delta) < torch.exp(log_weight - merged_weight)
+    take_col = _col(take)
     r_sum = sub.r_sum + r_new
-    stored = store.unsqueeze(-1)  # (K, 1)
-    r_checkpoints = torch.where(stored, r_new.unsqueeze(1), sub.r_checkpoints)
-    r_sum_checkpoints = torch.where(stored, r_sum.unsqueeze(1), sub.r_sum_checkpoints)
-    # Sub-subtree from checkpoint k to this leaf: momentum sum r_sum - r_sum[k] + r[k].
-    rho = r_sum.unsqueeze(1) - r_sum_checkpoints + r_checkpoints
-    velocity = inv_mass.unsqueeze(1)
-    not_turning = _no_turn(velocity * r_checkpoints, velocity * r_new.unsqueeze(1), rho)  # (C, K)
+    r_new_k, r_sum_k = r_new.unsqueeze(1), r_sum.unsqueeze(1)
+    r_checkpoints = torch.where(store, r_new_k, sub.r_checkpoints)
+    r_sum_checkpoints = torch.where(store, r_sum_k, sub.r_sum_checkpoints)
+    # Sub-subtree from checkpoint k to this leaf: momentum sum rho = r_sum - r_sum[k] + r[k]; the
+    # criterion v . rho > 0 at both ends with v = M^-1 r, i.e. r . (M^-1 rho) > 0.
+    velocity_rho = inv_mass * (r_sum_k - r_sum_checkpoints + r_checkpoints)  # (C, K, D)
+    not_turning = ((r_checkpoints * velocity_rho).sum(-1) > 0) & ((r_new_k * velocity_rho).sum(-1) > 0)
     turned = (check > not_turning).any(-1)  # a checked sub-subtree that turns
+    still_building = building > (turned | diverging)
     return Subtree(
         z=z_new, r=r_new, grad=grad, potential=potential,
-        proposal_z=torch.where(take, z_new, sub.proposal_z),
-        proposal_potential=torch.where(take.squeeze(-1), potential, sub.proposal_potential),
-        proposal_grad=torch.where(take, grad, sub.proposal_grad),
+        proposal_z=torch.where(take_col, z_new, sub.proposal_z),
+        proposal_potential=torch.where(take, potential, sub.proposal_potential),
+        proposal_grad=torch.where(take_col, grad, sub.proposal_grad),
         log_weight=merged_weight, r_sum=r_sum,
         r_checkpoints=r_checkpoints, r_sum_checkpoints=r_sum_checkpoints,
-        building=building > (turned | diverging), turning=sub.turning | turned, diverging=sub.diverging | diverging,
+        building=still_building, turning=sub.turning | turned, diverging=sub.diverging | diverging,
         sum_accept=sub.sum_accept + accept, num_steps=sub.num_steps + building,
-        forward=sub.forward, step=sub.step,
+        forward=sub.forward, half_step=sub.half_step, step_inv_mass=sub.step_inv_mass,
+        any_building=still_building.any(),
     )
 
 
@@ -185,6 +191,13 @@ def merge_subtree(tree: Trajectory, sub: Subtree, inv_mass: torch.Tensor) -> Tra
     )
 
 
+def merge_and_open(tree: Trajectory, sub: Subtree, step_size: torch.Tensor, inv_mass: torch.Tensor,
+                   num_checkpoints: int) -> tuple[Trajectory, Subtree]:
+    """:func:`merge_subtree`, then :func:`begin_doubling` of the next subtree (one graph per doubling)."""
+    tree = merge_subtree(tree, sub, inv_mass)
+    return tree, begin_doubling(tree, step_size, inv_mass, num_checkpoints)
+
+
 def start_trajectory(point: PhasePoint, inv_mass: torch.Tensor) -> tuple[Trajectory, torch.Tensor]:
     """A fresh momentum per chain and the one-point trajectory at ``point``; returns it and ``H0: Tensor[C]``."""
     r0 = sample_momentum(point.z, inv_mass)
@@ -200,8 +213,8 @@ def start_trajectory(point: PhasePoint, inv_mass: torch.Tensor) -> tuple[Traject
 
 def _checkpoint_masks(leaf: int, num_checkpoints: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """For leaf ``n`` of a subtree: the checkpoint it opens (even ``n``: the number of set bits of
-    ``n >> 1``) and the checkpoints whose sub-subtrees it closes (odd ``n``: as many as its trailing ones,
-    counting down from that index)."""
+    ``n >> 1``; Tensor[K, 1] bool) and the checkpoints whose sub-subtrees it closes (odd ``n``: as many as
+    its trailing ones, counting down from that index; Tensor[K] bool)."""
     store = torch.zeros(num_checkpoints, dtype=torch.bool, device=device)
     check = torch.zeros(num_checkpoints, dtype=torch.bool, device=device)
     top = bin(leaf >> 1).count("1")
@@ -210,7 +223,7 @@ def _checkpoint_masks(leaf: int, num_checkpoints: int, device) -> tuple[torch.Te
     else:
         trailing_ones = len(bin(leaf)) - len(bin(leaf).rstrip("1"))
         check[top - trailing_ones + 1: top + 1] = True
-    return store, check
+    return store.unsqueeze(-1), check
 
 
 class NUTSKernel:
@@ -239,9 +252,9 @@ class NUTSKernel:
         self.potential_and_grad = potential_and_grad
         self.functional_potential_and_grad = functional_potential_and_grad or potential_and_grad
         self.max_tree_depth = max_tree_depth
-        self._begin = functools.partial(_begin_flat, max_tree_depth)
+        self._open = functools.partial(_open_flat, max_tree_depth)
         self._leaf = functools.partial(_leaf_flat, potential_and_grad)
-        self._merge = _merge_flat
+        self._merge_and_open = functools.partial(_merge_and_open_flat, max_tree_depth)
         self._masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.compiled = False
 
@@ -251,20 +264,22 @@ class NUTSKernel:
         return self._masks[leaf]
 
     def compile(self, point: PhasePoint, step_size: torch.Tensor, inv_mass: torch.Tensor) -> bool:
-        """Captures the three pieces of a transition (open a subtree, add a leaf, merge) as graphs for
-        inputs shaped like these, and keeps them if they reproduce the eager pieces on a random probe
-        (same random numbers); returns whether they were kept."""
+        """Captures the three pieces of a transition (open the first subtree, add a leaf, merge a subtree
+        and open the next) as graphs for inputs shaped like these, and keeps them if they reproduce the
+        eager pieces on a random probe (same random numbers); returns whether they were kept."""
         from bmm_ppl.inference.graph_capture import capture
 
         device = point.z.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             tree, energy0 = start_trajectory(point, inv_mass)
-            sub = begin_doubling(tree, step_size, self.max_tree_depth)
+            sub = begin_doubling(tree, step_size, inv_mass, self.max_tree_depth)
             store, check = self._leaf_masks(1, device)
-            begin_args = (*tree, step_size)
-            leaf_args = (*sub, inv_mass, energy0, store, check)
             functional_leaf = functools.partial(_leaf_flat, self.functional_potential_and_grad)
-            pieces = [(self._begin, begin_args), (functional_leaf, leaf_args), (self._merge, (*tree, *sub, inv_mass))]
+            pieces = [
+                (self._open, (*tree, step_size, inv_mass)),
+                (functional_leaf, (*sub, 0.5 * inv_mass, inv_mass.unsqueeze(1), energy0, store, check)),
+                (self._merge_and_open, (*tree, *sub, step_size, inv_mass)),
+            ]
             captured = [capture(fn, args) for fn, args in pieces]
             for (fn, args), graph in zip(pieces, captured):
                 torch.manual_seed(0)
@@ -273,7 +288,7 @@ class NUTSKernel:
                 got = graph(*args)
                 if not all(_same(a, b) for a, b in zip(expected, got)):
                     return False
-        self._begin, self._leaf, self._merge = captured
+        self._open, self._leaf, self._merge_and_open = captured
         self.compiled = True
         return True
 
@@ -289,15 +304,17 @@ class NUTSKernel:
             "tree_depth"}``, each Tensor[C].
         """
         tree, energy0 = start_trajectory(point, inv_mass)
+        half_inv_mass, inv_mass_k = 0.5 * inv_mass, inv_mass.unsqueeze(1)
         device = point.z.device
+        sub = self._open(*tree, step_size, inv_mass)
         for depth in range(self.max_tree_depth):
-            sub = self._begin(*tree, step_size)
             for leaf in range(2**depth):
-                sub = self._leaf(*sub, inv_mass, energy0, *self._leaf_masks(leaf, device))
-                if not bool(sub[11].any()):  # Subtree.building: every chain has stopped this subtree
+                sub = self._leaf(*sub, half_inv_mass, inv_mass_k, energy0, *self._leaf_masks(leaf, device))
+                if not bool(sub[-1]):  # Subtree.any_building: every chain has stopped this subtree
                     break
-            tree = Trajectory(*self._merge(*tree, *sub, inv_mass))
-            if not bool(tree.active.any()):
+            merged = self._merge_and_open(*tree, *sub, step_size, inv_mass)
+            tree, sub = Trajectory(*merged[:_TREE_FIELDS]), merged[_TREE_FIELDS:]
+            if not bool(sub[-1]):  # the next subtree's any_building: no chain is still doubling
                 break
         info = {
             "accept_prob": tree.sum_accept / tree.num_steps.clamp(min=1),
@@ -309,20 +326,24 @@ class NUTSKernel:
 
 
 _TREE_FIELDS = len(Trajectory._fields)
+_SUBTREE_FIELDS = len(Subtree._fields)
 
 
-def _begin_flat(num_checkpoints, *args):
-    return tuple(begin_doubling(Trajectory(*args[:_TREE_FIELDS]), args[_TREE_FIELDS], num_checkpoints))
+def _open_flat(num_checkpoints, *args):
+    tree = Trajectory(*args[:_TREE_FIELDS])
+    return tuple(begin_doubling(tree, args[_TREE_FIELDS], args[_TREE_FIELDS + 1], num_checkpoints))
 
 
 def _leaf_flat(potential_and_grad, *args):
-    n = len(Subtree._fields)
-    return tuple(add_leaf(potential_and_grad, Subtree(*args[:n]), *args[n:]))
+    return tuple(add_leaf(potential_and_grad, Subtree(*args[:_SUBTREE_FIELDS]), *args[_SUBTREE_FIELDS:]))
 
 
-def _merge_flat(*args):
-    n = _TREE_FIELDS
-    return tuple(merge_subtree(Trajectory(*args[:n]), Subtree(*args[n: n + len(Subtree._fields)]), args[-1]))
+def _merge_and_open_flat(num_checkpoints, *args):
+    tree = Trajectory(*args[:_TREE_FIELDS])
+    sub = Subtree(*args[_TREE_FIELDS: _TREE_FIELDS + _SUBTREE_FIELDS])
+    step_size, inv_mass = args[_TREE_FIELDS + _SUBTREE_FIELDS:]
+    tree, sub = merge_and_open(tree, sub, step_size, inv_mass, num_checkpoints)
+    return (*tree, *sub)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
