@@ -227,6 +227,13 @@ def capture(fn: Callable, example_args: Sequence[torch.Tensor]) -> Callable:
         >>> [t.shape for t in f(torch.ones(3))]
         [torch.Size([3]), torch.Size([3])]
     """
+    return capture_with_graph(fn, example_args)[0]
+
+
+def capture_with_graph(fn: Callable, example_args: Sequence[torch.Tensor]) -> tuple[Callable, torch.fx.GraphModule]:
+    """As :func:`capture`, also returning the simplified ``make_fx`` graph: a plain function of aten
+    operations, which a larger function can call and be captured again quickly (without re-running
+    whatever Python ``fn`` ran, e.g. a Pyro model)."""
     # Distinct storage per input: the tracer would otherwise take two aliased example inputs for one.
     example_args = [arg.clone() for arg in example_args]
     cuda = sorted({arg.device for arg in example_args if arg.device.type == "cuda"}, key=str)
@@ -239,7 +246,7 @@ def capture(fn: Callable, example_args: Sequence[torch.Tensor]) -> Callable:
             traced = torch.jit.freeze(traced.eval())
         except Exception:  # noqa: BLE001 - freezing only folds attributes; the traced graph is equivalent
             pass
-    return traced
+    return traced, module
 
 
-__all__ = ["capture", "graph_size", "is_capturing", "simplify", "trace_function"]
+__all__ = ["capture", "capture_with_graph", "graph_size", "is_capturing", "simplify", "trace_function"]

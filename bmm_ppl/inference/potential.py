@@ -282,9 +282,17 @@ def compiled_potential_and_grad(potential: "ModelPotential", example: torch.Tens
     Returns:
         ``(potential_and_grad, "graph")``, or ``(None, "none")`` where the model cannot be captured.
     """
+    captured = captured_potential_graph(potential, example)
+    return (captured[0], "graph") if captured is not None else (None, "none")
+
+
+def captured_potential_graph(potential: "ModelPotential", example: torch.Tensor):
+    """As :func:`compiled_potential_and_grad`: ``(scripted, graph)`` or ``None``, where ``graph`` is the
+    simplified ``make_fx`` graph of the same function (aten operations only: cheap to record again inside
+    a larger captured function, such as a NUTS leaf)."""
     import warnings
 
-    from bmm_ppl.inference.graph_capture import capture
+    from bmm_ppl.inference.graph_capture import capture_with_graph
 
     generator = torch.Generator(device=example.device).manual_seed(0)  # leaves the global RNG alone
     probe = example + torch.randn(example.shape, generator=generator, dtype=example.dtype, device=example.device) * 0.5
@@ -292,14 +300,14 @@ def compiled_potential_and_grad(potential: "ModelPotential", example: torch.Tens
     try:
         with warnings.catch_warnings(), pyro.validation_enabled(False):
             warnings.simplefilter("ignore")
-            candidate = capture(functional_potential_and_grad(potential), [example])
-            value, grad = candidate(probe)
+            scripted, graph = capture_with_graph(functional_potential_and_grad(potential), [example])
+            value, grad = scripted(probe)
     except Exception:  # noqa: BLE001 - a model that cannot be captured runs eagerly
-        return None, "none"
+        return None
     agrees = torch.allclose(value, reference_value, rtol=1e-5, atol=1e-6, equal_nan=True) and torch.allclose(
         grad, reference_grad, rtol=1e-5, atol=1e-6, equal_nan=True
     )
-    return (candidate, "graph") if agrees else (None, "none")
+    return (scripted, graph) if agrees else None
 
 
 def functional_potential_and_grad(potential: "ModelPotential"):

@@ -18,8 +18,7 @@ from bmm_ppl.inference.potential import (
     ModelPotential,
     check_model,
     constrained_draws,
-    compiled_potential_and_grad,
-    functional_potential_and_grad,
+    captured_potential_graph,
     uniform_init,
 )
 from bmm_ppl.validation import prepare_data
@@ -84,9 +83,10 @@ class _Hamiltonian:
             init = torch.zeros(self.num_chains, potential.dim, dtype=potential.dtype, device=potential.device)
             potential_and_grad, jitted, functional = None, "none", None
             if self.jit:
-                potential_and_grad, jitted = compiled_potential_and_grad(potential, init)
-                if potential_and_grad is not None:
-                    functional = functional_potential_and_grad(potential)
+                captured = captured_potential_graph(potential, init)
+                if captured is not None:
+                    # The kernel's graphs record the potential's aten graph again, not the Pyro model.
+                    (potential_and_grad, functional), jitted = captured, "graph"
             potential_and_grad = potential_and_grad or potential.potential_and_grad
             z, energy, grad = uniform_init(
                 potential_and_grad, self.num_chains, potential.dim, potential.dtype, potential.device, self.init_radius

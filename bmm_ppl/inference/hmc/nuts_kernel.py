@@ -108,15 +108,17 @@ def begin_doubling(tree: Trajectory, step_size: torch.Tensor, inv_mass: torch.Te
 
 
 def add_leaf(potential_and_grad, sub: Subtree, half_inv_mass: torch.Tensor, inv_mass: torch.Tensor,
-             energy0: torch.Tensor, store: torch.Tensor, check: torch.Tensor) -> Subtree:
-    """One leapfrog step of every building chain, added to its subtree.
+             energy0: torch.Tensor, mask: torch.Tensor, opens: bool) -> Subtree:
+    """One leapfrog step of every building chain, added to its subtree. A leaf with an even index
+    within its subtree opens sub-subtrees (``opens=True``: stores its checkpoint); one with an odd index
+    closes them (``opens=False``: checks them for U-turns).
 
     Args:
         potential_and_grad: ``z: Tensor[C, D] -> (U: Tensor[C], dU/dz: Tensor[C, D])``.
         half_inv_mass: Tensor[C, D] half the inverse mass; inv_mass: Tensor[C, 1, D] the inverse mass.
         energy0: Tensor[C] the Hamiltonian at the transition's start.
-        store: Tensor[K, 1] bool, the checkpoint this leaf opens (none for a leaf that closes sub-subtrees).
-        check: Tensor[K] bool, the checkpoints whose sub-subtrees this leaf closes.
+        mask: with ``opens``, Tensor[K, 1] bool: the checkpoint this leaf opens; else Tensor[K] bool: the
+            checkpoints whose sub-subtrees this leaf closes (see :func:`_checkpoint_masks`).
     """
     # Only the statistics (acceptance, step count, divergence) and the building flag are masked: the
     # rest of a chain's subtree state is never read once it stops building (its subtree is not merged),
@@ -138,14 +140,19 @@ def add_leaf(potential_and_grad, sub: Subtree, half_inv_mass: torch.Tensor, inv_
     take_col = _col(take)
     r_sum = sub.r_sum + r_new
     r_new_k, r_sum_k = r_new.unsqueeze(1), r_sum.unsqueeze(1)
-    r_checkpoints = torch.where(store, r_new_k, sub.r_checkpoints)
-    r_sum_checkpoints = torch.where(store, r_sum_k, sub.r_sum_checkpoints)
-    # Sub-subtree from checkpoint k to this leaf: momentum sum rho = r_sum - r_sum[k] + r[k]; the
-    # criterion v . rho > 0 at both ends with v = M^-1 r, i.e. r . (M^-1 rho) > 0.
-    velocity_rho = inv_mass * (r_sum_k - r_sum_checkpoints + r_checkpoints)  # (C, K, D)
-    not_turning = ((r_checkpoints * velocity_rho).sum(-1) > 0) & ((r_new_k * velocity_rho).sum(-1) > 0)
-    turned = (check > not_turning).any(-1)  # a checked sub-subtree that turns
-    still_building = building > (turned | diverging)
+    r_checkpoints, r_sum_checkpoints, turning = sub.r_checkpoints, sub.r_sum_checkpoints, sub.turning
+    if opens:
+        r_checkpoints = torch.where(mask, r_new_k, r_checkpoints)
+        r_sum_checkpoints = torch.where(mask, r_sum_k, r_sum_checkpoints)
+        still_building = building > diverging
+    else:
+        # Sub-subtree from checkpoint k to this leaf: momentum sum rho = r_sum - r_sum[k] + r[k]; the
+        # criterion v . rho > 0 at both ends with v = M^-1 r, i.e. r . (M^-1 rho) > 0.
+        velocity_rho = inv_mass * (r_sum_k - r_sum_checkpoints + r_checkpoints)  # (C, K, D)
+        not_turning = ((r_checkpoints * velocity_rho).sum(-1) > 0) & ((r_new_k * velocity_rho).sum(-1) > 0)
+        turned = (mask > not_turning).any(-1)  # a checked sub-subtree that turns
+        still_building = building > (turned | diverging)
+        turning = turning | turned
     return Subtree(
         z=z_new, r=r_new, grad=grad, potential=potential,
         proposal_z=torch.where(take_col, z_new, sub.proposal_z),
@@ -153,11 +160,19 @@ def add_leaf(potential_and_grad, sub: Subtree, half_inv_mass: torch.Tensor, inv_
         proposal_grad=torch.where(take_col, grad, sub.proposal_grad),
         log_weight=merged_weight, r_sum=r_sum,
         r_checkpoints=r_checkpoints, r_sum_checkpoints=r_sum_checkpoints,
-        building=still_building, turning=sub.turning | turned, diverging=sub.diverging | diverging,
+        building=still_building, turning=turning, diverging=sub.diverging | diverging,
         sum_accept=sub.sum_accept + accept, num_steps=sub.num_steps + building,
         forward=sub.forward, half_step=sub.half_step, step_inv_mass=sub.step_inv_mass,
         any_building=still_building.any(),
     )
+
+
+def add_leaf_pair(potential_and_grad, sub: Subtree, half_inv_mass: torch.Tensor, inv_mass: torch.Tensor,
+                  energy0: torch.Tensor, store: torch.Tensor, check: torch.Tensor) -> Subtree:
+    """Leaves ``n`` (even: ``store``) and ``n + 1`` (odd: ``check``) in one go: one graph call and one host
+    synchronisation per pair. A chain that stops at the first leaf is masked in the second."""
+    sub = add_leaf(potential_and_grad, sub, half_inv_mass, inv_mass, energy0, store, opens=True)
+    return add_leaf(potential_and_grad, sub, half_inv_mass, inv_mass, energy0, check, opens=False)
 
 
 def merge_subtree(tree: Trajectory, sub: Subtree, inv_mass: torch.Tensor) -> Trajectory:
@@ -254,6 +269,7 @@ class NUTSKernel:
         self.max_tree_depth = max_tree_depth
         self._open = functools.partial(_open_flat, max_tree_depth)
         self._leaf = functools.partial(_leaf_flat, potential_and_grad)
+        self._pair = functools.partial(_pair_flat, potential_and_grad)
         self._merge_and_open = functools.partial(_merge_and_open_flat, max_tree_depth)
         self._masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.compiled = False
@@ -264,8 +280,8 @@ class NUTSKernel:
         return self._masks[leaf]
 
     def compile(self, point: PhasePoint, step_size: torch.Tensor, inv_mass: torch.Tensor) -> bool:
-        """Captures the three pieces of a transition (open the first subtree, add a leaf, merge a subtree
-        and open the next) as graphs for inputs shaped like these, and keeps them if they reproduce the
+        """Captures the pieces of a transition (open the first subtree, add one leaf, add a pair of
+        leaves, merge a subtree and open the next) as graphs for inputs shaped like these, and keeps them if they reproduce the
         eager pieces on a random probe (same random numbers); returns whether they were kept."""
         from bmm_ppl.inference.graph_capture import capture
 
@@ -273,11 +289,13 @@ class NUTSKernel:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             tree, energy0 = start_trajectory(point, inv_mass)
             sub = begin_doubling(tree, step_size, inv_mass, self.max_tree_depth)
-            store, check = self._leaf_masks(1, device)
-            functional_leaf = functools.partial(_leaf_flat, self.functional_potential_and_grad)
+            store, check = self._leaf_masks(0, device)[0], self._leaf_masks(1, device)[1]
+            functional = self.functional_potential_and_grad
+            constants = (0.5 * inv_mass, inv_mass.unsqueeze(1), energy0)
             pieces = [
                 (self._open, (*tree, step_size, inv_mass)),
-                (functional_leaf, (*sub, 0.5 * inv_mass, inv_mass.unsqueeze(1), energy0, store, check)),
+                (functools.partial(_leaf_flat, functional), (*sub, *constants, store)),
+                (functools.partial(_pair_flat, functional), (*sub, *constants, store, check)),
                 (self._merge_and_open, (*tree, *sub, step_size, inv_mass)),
             ]
             captured = [capture(fn, args) for fn, args in pieces]
@@ -288,7 +306,7 @@ class NUTSKernel:
                 got = graph(*args)
                 if not all(_same(a, b) for a, b in zip(expected, got)):
                     return False
-        self._open, self._leaf, self._merge_and_open = captured
+        self._open, self._leaf, self._pair, self._merge_and_open = captured
         self.compiled = True
         return True
 
@@ -308,8 +326,11 @@ class NUTSKernel:
         device = point.z.device
         sub = self._open(*tree, step_size, inv_mass)
         for depth in range(self.max_tree_depth):
-            for leaf in range(2**depth):
-                sub = self._leaf(*sub, half_inv_mass, inv_mass_k, energy0, *self._leaf_masks(leaf, device))
+            if depth == 0:  # a one-leaf subtree
+                sub = self._leaf(*sub, half_inv_mass, inv_mass_k, energy0, self._leaf_masks(0, device)[0])
+            for leaf in range(0, 2**depth if depth else 0, 2):
+                store, check = self._leaf_masks(leaf, device)[0], self._leaf_masks(leaf + 1, device)[1]
+                sub = self._pair(*sub, half_inv_mass, inv_mass_k, energy0, store, check)
                 if not bool(sub[-1]):  # Subtree.any_building: every chain has stopped this subtree
                     break
             merged = self._merge_and_open(*tree, *sub, step_size, inv_mass)
@@ -335,7 +356,11 @@ def _open_flat(num_checkpoints, *args):
 
 
 def _leaf_flat(potential_and_grad, *args):
-    return tuple(add_leaf(potential_and_grad, Subtree(*args[:_SUBTREE_FIELDS]), *args[_SUBTREE_FIELDS:]))
+    return tuple(add_leaf(potential_and_grad, Subtree(*args[:_SUBTREE_FIELDS]), *args[_SUBTREE_FIELDS:], opens=True))
+
+
+def _pair_flat(potential_and_grad, *args):
+    return tuple(add_leaf_pair(potential_and_grad, Subtree(*args[:_SUBTREE_FIELDS]), *args[_SUBTREE_FIELDS:]))
 
 
 def _merge_and_open_flat(num_checkpoints, *args):
