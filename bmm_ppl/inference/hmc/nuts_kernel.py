@@ -8,12 +8,15 @@ within each new subtree, biased-progressive when a subtree is merged into the tr
 Each new subtree of ``2**depth`` leapfrog steps is built one leaf at a time, as in the iterative form of
 NUTS (NumPyro's ``iterative_nuts``; Phan et al. 2019): the momentum and running momentum sum of the
 leaves that open a sub-subtree are kept in ``max_tree_depth`` checkpoints, and each leaf that closes
-sub-subtrees checks the generalised no-U-turn criterion on each of them. Every leaf therefore runs the
-same fixed sequence of tensor operations, which :class:`NUTSKernel` captures, potential and gradient
-included, as one graph (``jit=True``): one call and one host synchronisation per leapfrog step.
+sub-subtrees checks the generalised no-U-turn criterion on each of them. Even leaves only open, odd
+leaves only close, so each pair of leaves runs the same fixed sequence of tensor operations, which
+:class:`NUTSKernel` captures, potential and gradient included, as one graph (``jit=True``): one call and
+one host synchronisation per two leapfrog steps. (Stan's extra checks across merged subtrees are not
+applied: they would have to be applied at every node of the tree to keep it symmetric.)
 
-Chains advance in lockstep: a chain whose subtree stops early (U-turn or divergence) is masked and
-evaluated at its last position while the others go on. Shapes: ``C`` chains, ``D`` dimensions,
+Chains advance in lockstep: a chain whose subtree stops early (U-turn or divergence) is masked (its
+statistics stop counting; its integration goes on unseen, rows of the batched potential being
+independent) while the others go on. Shapes: ``C`` chains, ``D`` dimensions,
 ``K = max_tree_depth`` checkpoints.
 """
 
