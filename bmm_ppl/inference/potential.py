@@ -104,7 +104,6 @@ class ModelPotential:
         if not sites:
             raise UnsupportedModelError("the model has no latent sample sites to sample")
         self.sites = sites
-        self._latent_names = frozenset(site.name for site in sites)
         self.dim = offset
         self._batch_dims = batch_dims
         example = trace.nodes[sites[0].name]["value"]
@@ -136,18 +135,18 @@ class ModelPotential:
         return values, log_det
 
     # --------------------------------------------------------------- evaluate
-    def log_joint(self, values: dict[str, torch.Tensor], data: tuple | None = None, observed_scale: float = 1.0) -> torch.Tensor:
+    def log_joint(self, values: dict[str, torch.Tensor], data: tuple | None = None) -> torch.Tensor:
         """``log p(data, values)``: Tensor[B] for ``values = {site: Tensor[B, *value_shape]}``.
 
-        ``data = (args, kwargs)`` replaces the fitted data (a minibatch), whose observed sites' log-likelihood
-        is multiplied by ``observed_scale`` (``n / batch_size`` for an unbiased full-data estimate).
+        ``data = (args, kwargs)`` replaces the fitted data (a minibatch; for its ``n / batch_size`` scaling
+        see :func:`~bmm_ppl.inference.minibatch_potential.with_observed_scale`).
         """
         args, kwargs = data if data is not None else (self.args, self.kwargs)
         batch = next(iter(values.values())).shape[0]
         if not self.vectorised:
             rows = []
             for i in range(batch):
-                rows.append(self._log_joint_one({n: v[i] for n, v in values.items()}, args, kwargs, observed_scale))
+                rows.append(self._log_joint_one({n: v[i] for n, v in values.items()}, args, kwargs))
             return torch.stack(rows)
         plate_dim = -self._batch_dims - 1
         reshaped = {}
@@ -179,9 +178,6 @@ class ModelPotential:
                     continue
             if site["scale"] is not None:
                 log_prob = log_prob * site["scale"]
-            # ``poutine.condition`` marks the latent values as observed too: only the data are scaled.
-            if observed_scale != 1.0 and site["is_observed"] and site["name"] not in self._latent_names:
-                log_prob = log_prob * observed_scale
             total = total + self._per_batch(log_prob, batch, keep)
         return total
 
@@ -197,28 +193,27 @@ class ModelPotential:
             raise ValueError(f"a log-density of shape {tuple(log_prob.shape)} does not separate over {batch} points")
         return per
 
-    def _log_joint_one(self, value, args, kwargs, observed_scale) -> torch.Tensor:
+    def _log_joint_one(self, value, args, kwargs) -> torch.Tensor:
         conditioned = poutine.condition(self.model, data=value)
         with pyro.validation_enabled(False):
             trace = poutine.trace(conditioned).get_trace(*args, **kwargs)
         total = 0.0
         for site in trace.nodes.values():
             if site["type"] == "sample" and not site_is_subsample(site):
-                scale = observed_scale if site["is_observed"] and site["name"] not in self._latent_names else 1.0
-                total = total + scale * site["fn"].log_prob(site["value"]).mul(site["scale"]).sum()
+                total = total + site["fn"].log_prob(site["value"]).mul(site["scale"]).sum()
         return total
 
-    def __call__(self, flat: torch.Tensor, data: tuple | None = None, observed_scale: float = 1.0) -> torch.Tensor:
+    def __call__(self, flat: torch.Tensor, data: tuple | None = None) -> torch.Tensor:
         """``U(flat)``: Tensor[B] potential energy (negative log joint with Jacobian) at ``flat: Tensor[B, dim]``
-        (``data``, ``observed_scale``: a minibatch, see :meth:`log_joint`)."""
+        (``data``: a minibatch, see :meth:`log_joint`)."""
         values, log_det = self._unpack(flat)
-        return -(self.log_joint(values, data, observed_scale) + log_det)
+        return -(self.log_joint(values, data) + log_det)
 
-    def potential_and_grad(self, flat: torch.Tensor, data: tuple | None = None, observed_scale: float = 1.0):
+    def potential_and_grad(self, flat: torch.Tensor, data: tuple | None = None):
         """``(U: Tensor[B], dU/dflat: Tensor[B, dim])``; each point's gradient is its own."""
         with torch.enable_grad():
             point = flat.detach().requires_grad_(True)
-            energy = self(point, data, observed_scale)
+            energy = self(point, data)
             (grad,) = torch.autograd.grad(energy.sum(), point)
         return energy.detach(), grad
 
