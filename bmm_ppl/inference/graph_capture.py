@@ -11,7 +11,15 @@ interpreter. The simplifications, each checked against the recorded values:
   like of an input, whose shape is fixed by the capture) is computed once and stored;
 * identities: ``alias``/``clone``/``detach``, a view or expand to the shape it already has,
   multiplication or division by 1, addition or subtraction of 0, and ``neg(neg(x))``;
-* common-subexpression elimination (random operations excepted) and dead-code elimination.
+* common-subexpression elimination (random operations excepted) and dead-code elimination;
+* matrix products: ``sum(a * b, dims)`` over a large broadcast product that is a matrix product (the
+  ``(x * w).sum(-1)`` of a linear predictor, and its gradient) becomes one ``mm``, and chains of reshapes
+  collapse into one;
+* cheaper formulas while recording: ``binary_cross_entropy_with_logits`` (``Bernoulli(logits).log_prob``)
+  is recorded as ``softplus(l) - y * l``, seven operations with its gradient instead of about 25.
+
+On the CPU the frozen graph then runs on PyTorch's Static Runtime (less overhead per operation than the
+TorchScript interpreter: about 20% on a NUTS leaf), where it builds and reproduces the graph.
 
 The captured function is specialised to the example inputs' shapes, dtypes and device; randomness
 inside it (``torch.rand_like`` ...) stays random and draws from the global generator of that device.
@@ -25,7 +33,9 @@ from typing import Callable, Sequence
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.overrides import TorchFunctionMode
 
 aten = torch.ops.aten
 
@@ -57,6 +67,37 @@ def _recording():
         yield
     finally:
         _capturing[0] = previous
+
+
+class _CheaperFormulas(TorchFunctionMode):
+    """While recording, replaces a few composite functions whose recorded form (and its gradient) is
+    long with an equal one that records in fewer operations.
+
+    ``binary_cross_entropy_with_logits(l, y)`` (``Bernoulli(logits=...).log_prob``) records as about 25
+    operations with its gradient; ``softplus(l) - y * l`` (``softplus`` switching to ``l`` only where
+    ``exp(-l)`` is below the dtype's resolution) records as seven.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.binary_cross_entropy_with_logits:
+            cheaper = _softplus_cross_entropy(*args, **kwargs)
+            if cheaper is not None:
+                return cheaper
+        return func(*args, **kwargs)
+
+
+def _softplus_cross_entropy(logits, target, weight=None, size_average=None, reduce=None, reduction="mean",
+                            pos_weight=None):
+    if weight is not None or pos_weight is not None or size_average is not None or reduce is not None:
+        return None
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        return None
+    threshold = 40.0 if logits.dtype == torch.float64 else 20.0
+    losses = F.softplus(logits, threshold=threshold) - target * logits
+    if reduction == "none":
+        return losses
+    return losses.sum() if reduction == "sum" else losses.mean()
 
 
 def _is_random(node: torch.fx.Node) -> bool:
@@ -162,6 +203,126 @@ def _identity_source(node: torch.fx.Node, values: dict):
     return None
 
 
+def _contraction_dims(shape_l, shape_r, reduced: set, rank: int):
+    """Splits the broadcast dimensions of ``l * r`` (aligned right, ``rank`` of them) into those kept from
+    ``l`` only, kept from ``r`` only, and contracted (in both, summed); size-1 dimensions are dropped.
+    ``None`` where the product is not a matrix product (a dimension kept in both, or summed in one only)."""
+    shape_l = (1,) * (rank - len(shape_l)) + tuple(shape_l)
+    shape_r = (1,) * (rank - len(shape_r)) + tuple(shape_r)
+    left, right, contracted = [], [], []
+    for dim, (size_l, size_r) in enumerate(zip(shape_l, shape_r)):
+        if size_l == 1 and size_r == 1:
+            continue
+        if dim in reduced:
+            if size_l != size_r:
+                return None
+            contracted.append(dim)
+        elif size_l > 1 and size_r > 1:
+            return None
+        else:
+            (left if size_l > 1 else right).append(dim)
+    return (left, right, contracted, shape_l, shape_r) if contracted else None
+
+
+def _as_matrix(graph, node, values, module, rows: list, cols: list, padded_shape) -> torch.fx.Node:
+    """``node`` rearranged as a matrix (its ``rows`` dimensions by its ``cols`` dimensions, row-major); a
+    constant is rearranged once and stored contiguous."""
+    order = [d for d in range(len(padded_shape)) if padded_shape[d] > 1]
+    squeezed = [padded_shape[d] for d in order]
+    permutation = [order.index(d) for d in rows + cols]
+    shape = [_product(padded_shape[d] for d in rows), _product(padded_shape[d] for d in cols)]
+    value = values[node].reshape(squeezed).permute(permutation).reshape(shape)
+    if node.op == "get_attr":
+        name = f"_matrix_{len(list(module.buffers()))}"
+        module.register_buffer(name, value.contiguous())
+        result = graph.get_attr(name)
+    else:
+        result = graph.call_function(aten.reshape.default, (node, squeezed))
+        if permutation != sorted(permutation):
+            result = graph.call_function(aten.permute.default, (result, permutation))
+        result = graph.call_function(aten.reshape.default, (result, shape))
+    values[result] = value
+    return result
+
+
+def _product(sizes) -> int:
+    result = 1
+    for size in sizes:
+        result *= size
+    return result
+
+
+_MIN_CONTRACTION_SIZE = 1024
+
+
+def _contract_products(module: torch.fx.GraphModule, values: dict) -> None:
+    """``sum(a * b, dims)`` that is a matrix product (e.g. ``(x * w).sum(-1)`` for ``x @ w``, and its
+    gradient) becomes one ``mm``: the broadcast product is never materialised."""
+    graph = module.graph
+    for node in list(graph.nodes):
+        if node.target is not aten.sum.dim_IntList or node.kwargs or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        product = node.args[0]
+        if product.target is not aten.mul.Tensor or len(product.users) != 1 or product.kwargs:
+            continue
+        operands = [a.args[0] if isinstance(a, torch.fx.Node) and a.target is aten.expand.default else a
+                    for a in product.args]
+        out, full = values.get(node), values.get(product)
+        operand_values = [values.get(a) if isinstance(a, torch.fx.Node) else None for a in operands]
+        if not all(isinstance(v, torch.Tensor) for v in operand_values + [out, full]):
+            continue
+        if not full.is_floating_point() or any(v.dtype != full.dtype for v in operand_values):
+            continue
+        if full.numel() < _MIN_CONTRACTION_SIZE:  # small: the reshapes around mm would cost more than they save
+            continue
+        keepdim = len(node.args) > 2 and bool(node.args[2])
+        rank = full.dim()
+        reduced = {d % rank for d in node.args[1]} if node.args[1] else set(range(rank))
+        # The constant (if any) on the right: BLAS reads it contiguous.
+        l_node, r_node = operands if operands[0].op != "get_attr" else operands[::-1]
+        split = _contraction_dims(values[l_node].shape, values[r_node].shape, reduced, rank)
+        if split is None:
+            continue
+        left, right, contracted, shape_l, shape_r = split
+        with graph.inserting_before(node):
+            matrix_l = _as_matrix(graph, l_node, values, module, left, contracted, shape_l)
+            matrix_r = _as_matrix(graph, r_node, values, module, contracted, right, shape_r)
+            result = graph.call_function(aten.mm.default, (matrix_l, matrix_r))
+            value = torch.mm(values[matrix_l], values[matrix_r])
+            values[result] = value
+            kept = left + right
+            if kept != sorted(kept):  # back to the dimensions' order
+                sizes = [full.shape[d] for d in kept]
+                result = graph.call_function(aten.reshape.default, (result, sizes))
+                permutation = [kept.index(d) for d in sorted(kept)]
+                result = graph.call_function(aten.permute.default, (result, permutation))
+                values[result] = value = value.reshape(sizes).permute(permutation)
+            result = graph.call_function(aten.reshape.default, (result, list(out.shape)))
+            values[result] = value.reshape(out.shape)
+        node.replace_all_uses_with(result)
+        graph.erase_node(node)
+        graph.erase_node(product)
+
+
+_PURE_RESHAPES = {
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.view_copy.default,
+    aten.unsqueeze.default, aten.unsqueeze_copy.default, aten.squeeze.dim, aten.squeeze.default,
+    aten.squeeze_copy.dim,
+}
+
+
+def _collapse_reshapes(graph: torch.fx.Graph, values: dict) -> None:
+    """A reshape of a reshape (view, unsqueeze, squeeze ...) becomes one reshape of the first one's input."""
+    for node in graph.nodes:
+        if node.target not in _PURE_RESHAPES or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        source = node.args[0]
+        if source.target in _PURE_RESHAPES and isinstance(values.get(node), torch.Tensor):
+            node.target = aten.reshape.default
+            node.args = (source.args[0], list(values[node].shape))
+            node.kwargs = {}
+
+
 def _remove_identities(graph: torch.fx.Graph, values: dict) -> None:
     for node in list(graph.nodes):
         source = _identity_source(node, values)
@@ -192,7 +353,9 @@ def simplify(module: torch.fx.GraphModule, example_args: Sequence[torch.Tensor])
         recorder.run(*example_args)
     values = recorder.values
     constant = _fold_constants(module, values)
+    _contract_products(module, values)
     for _ in range(2):
+        _collapse_reshapes(module.graph, values)
         _remove_identities(module.graph, values)
         _eliminate_common_subexpressions(module.graph)
         _remove_unused(module.graph, constant)
@@ -208,7 +371,7 @@ def graph_size(module: torch.fx.GraphModule) -> int:
 
 def trace_function(fn: Callable, example_args: Sequence[torch.Tensor]) -> torch.fx.GraphModule:
     """``fn``'s operations on ``example_args`` as a functional (no in-place) ``make_fx`` graph, simplified."""
-    with torch.no_grad(), _recording():
+    with torch.no_grad(), _recording(), _CheaperFormulas():
         module = make_fx(torch.func.functionalize(fn, remove="mutations"))(*example_args)
     module.graph.eliminate_dead_code()
     module.recompile()
@@ -246,7 +409,45 @@ def capture_with_graph(fn: Callable, example_args: Sequence[torch.Tensor]) -> tu
             traced = torch.jit.freeze(traced.eval())
         except Exception:  # noqa: BLE001 - freezing only folds attributes; the traced graph is equivalent
             pass
+        if all(arg.device.type == "cpu" for arg in example_args):
+            traced = _on_static_runtime(traced, example_args)
     return traced, module
+
+
+class _StaticRuntimeGraph:
+    """A frozen TorchScript graph run by PyTorch's Static Runtime (CPU): the same operations, with less
+    per-operation overhead (no dispatcher round trip for most operations, intermediate buffers reused
+    across calls; outputs are fresh tensors)."""
+
+    def __init__(self, scripted):
+        self.scripted = scripted
+        self.graph = scripted.graph
+        self._static = torch._C._jit_to_static_module(scripted._c)
+
+    def __call__(self, *args):
+        return self._static(*args)
+
+
+def _on_static_runtime(scripted, example_args):
+    """``scripted`` on Static Runtime when that builds and reproduces it on the example (same random
+    numbers), else ``scripted``."""
+    try:
+        static = _StaticRuntimeGraph(scripted)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            expected = scripted(*example_args)
+            torch.manual_seed(0)
+            got = static(*example_args)
+    except Exception:  # noqa: BLE001 - an operation Static Runtime cannot run: keep TorchScript
+        return scripted
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    got = got if isinstance(got, tuple) else (got,)
+    same = len(expected) == len(got) and all(
+        isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
+        and bool(torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, equal_nan=True)))
+        for a, b in zip(expected, got)
+    )
+    return static if same else scripted
 
 
 __all__ = ["capture", "capture_with_graph", "graph_size", "is_capturing", "simplify", "trace_function"]

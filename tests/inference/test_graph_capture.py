@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+import torch.nn.functional as F
+
 from bmm_ppl.inference.graph_capture import capture, graph_size, is_capturing, trace_function
 from bmm_ppl.inference.hmc.nuts_kernel import _checkpoint_masks
 
@@ -66,6 +68,86 @@ def test_outputs_that_do_not_depend_on_input_values_still_capture():
     out = capture(f, [torch.ones(2)])(torch.full((2,), 3.0))
     torch.testing.assert_close(out[2], torch.full((2,), 4.0))
     assert torch.isneginf(out[1]).all()
+
+
+def _targets(module):
+    return [n.target for n in module.graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("chains", [1, 3])
+def test_broadcast_products_become_matrix_products(chains):
+    """(x * w).sum(-1) and its gradient's (g[..., None] * x).sum(1) are recorded as mm, with the values
+    of the eager function (a linear predictor over 200 x 31 data)."""
+    torch.manual_seed(0)
+    data = torch.randn(200, 31, dtype=torch.float64)
+
+    def linear_and_gradient(w):
+        eta = (data * w.unsqueeze(1)).sum(-1)  # (chains, 200)
+        return eta, (eta.unsqueeze(-1) * data).sum(1)  # (chains, 31)
+
+    w = torch.randn(chains, 31, dtype=torch.float64)
+    module = trace_function(linear_and_gradient, [w])
+    targets = _targets(module)
+    assert targets.count(torch.ops.aten.mm.default) == 2 and torch.ops.aten.mul.Tensor not in targets, targets
+    other = torch.randn(chains, 31, dtype=torch.float64)
+    for got, expected in zip(module(other), linear_and_gradient(other)):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_products_that_are_not_matrix_products_stay():
+    """A dimension kept by both factors (a batch of products) is not a matrix product: left alone."""
+    a, b = torch.randn(4, 64, 32), torch.randn(4, 64, 32)
+    module = trace_function(lambda a, b: ((a * b).sum(-1),), [a, b])
+    assert torch.ops.aten.mm.default not in _targets(module)
+    torch.testing.assert_close(module(a, b)[0], (a * b).sum(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bernoulli_log_prob_is_recorded_as_softplus_with_the_same_values_and_gradient(dtype):
+    """The cheaper formula agrees with PyTorch's to the dtype's resolution, gradient included, out to
+    logits of +-60 where the softplus switches to its linear branch."""
+    import pyro.distributions as dist
+
+    labels = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.0], dtype=dtype)
+
+    def log_prob_and_grad(logits):
+        return torch.func.grad_and_value(lambda l: dist.Bernoulli(logits=l, validate_args=False).log_prob(labels).sum())(logits)
+
+    logits = torch.tensor([-60.0, -60.0, 0.3, 25.0, 45.0, 60.0], dtype=dtype)
+    module = trace_function(log_prob_and_grad, [logits])
+    targets = _targets(module)
+    assert torch.ops.aten.softplus.default in targets and graph_size(module) <= 8, targets
+    tolerance = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-6)
+    for got, expected in zip(module(logits), log_prob_and_grad(logits)):
+        torch.testing.assert_close(got, expected, **tolerance)
+    # Reductions and weights: sum and mean are rewritten, a weighted loss is left to PyTorch.
+    for reduction in ("sum", "mean"):
+        f = lambda l: (F.binary_cross_entropy_with_logits(l, labels, reduction=reduction),)  # noqa: E731
+        torch.testing.assert_close(trace_function(f, [logits])(logits)[0], f(logits)[0], **tolerance)
+    weighted = lambda l: (F.binary_cross_entropy_with_logits(l, labels, weight=labels + 1),)  # noqa: E731
+    assert torch.ops.aten.softplus.default not in _targets(trace_function(weighted, [logits]))
+
+
+def test_cpu_graphs_run_on_static_runtime_with_fresh_outputs_and_the_eager_random_stream():
+    from bmm_ppl.inference.graph_capture import _StaticRuntimeGraph
+
+    def step(x):
+        noise = torch.rand_like(x)
+        return (x * 2 + noise, noise.exp())
+
+    x = torch.randn(5, dtype=torch.float64)
+    captured = capture(step, [x])
+    assert isinstance(captured, _StaticRuntimeGraph)
+    first = captured(x)
+    kept = [t.clone() for t in first]
+    captured(x + 1)  # a second call must not write into the first call's outputs
+    for got, expected in zip(first, kept):
+        assert torch.equal(got, expected)
+    torch.manual_seed(3)
+    got = captured(x)
+    torch.manual_seed(3)
+    for a, b in zip(got, step(x)):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize(

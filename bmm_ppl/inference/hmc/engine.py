@@ -92,7 +92,8 @@ class _Hamiltonian:
                 potential_and_grad, self.num_chains, potential.dim, potential.dtype, potential.device, self.init_radius
             )
             flat, stats, diagnostics = self._sample(
-                potential_and_grad, PhasePoint(z, torch.zeros_like(z), energy, grad), functional
+                potential_and_grad, PhasePoint(z, torch.zeros_like(z), energy, grad), functional,
+                graphs_only=jitted == "graph",
             )
             draws = constrained_draws(potential, flat)
         if diagnostics.pop("kernel_compiled", False):
@@ -144,13 +145,37 @@ class _Hamiltonian:
         return Posterior(None, draws={"z": flat}, sample_stats=stats, diagnostics=diagnostics, engine=self.engine_name)
 
     # ---------------------------------------------------------------- loop
-    def _sample(self, potential_and_grad, point: PhasePoint, functional_potential_and_grad=None):
+    def _sample(self, potential_and_grad, point: PhasePoint, functional_potential_and_grad=None, graphs_only=False):
+        """The warm-up and sampling loop. ``graphs_only``: ``potential_and_grad`` is a captured graph (no
+        autograd), so the loop runs under ``torch.inference_mode`` (about 15% less dispatch per operation
+        on small tensors); the results are copied out as ordinary tensors."""
+        step = self._initial_step(point)
+        if self.step_size is None:
+            step = find_reasonable_step_size(point, step, torch.ones_like(point.z), potential_and_grad)
+        transition, compile_kernel = self._kernel(potential_and_grad, functional_potential_and_grad)
+        kernel_compiled = False
+        if functional_potential_and_grad is not None and compile_kernel is not None:
+            with pyro.validation_enabled(False):
+                try:
+                    kernel_compiled = compile_kernel(point, step, torch.ones_like(point.z))
+                except Exception:  # noqa: BLE001 - a model that cannot be captured runs the eager kernel
+                    kernel_compiled = False
+        with torch.inference_mode(graphs_only):
+            draws, stats, diagnostics = self._loop(potential_and_grad, point, transition, step)
+        if graphs_only:  # inference tensors cannot enter autograd later: hand out ordinary copies
+            draws = draws.clone()
+            stats = {name: value.clone() for name, value in stats.items()}
+            diagnostics["inverse_mass_matrix_diagonal"] = diagnostics["inverse_mass_matrix_diagonal"].clone()
+        diagnostics["kernel_compiled"] = kernel_compiled
+        return draws, stats, diagnostics
+
+    def _initial_step(self, point: PhasePoint) -> torch.Tensor:
+        return torch.full_like(point.potential, 1.0 if self.step_size is None else float(self.step_size))
+
+    def _loop(self, potential_and_grad, point: PhasePoint, transition, step: torch.Tensor):
         chains, dim = point.z.shape
         warmup, total = self.warmup_steps, self.warmup_steps + self.num_samples
         inv_mass = torch.ones_like(point.z)
-        step = torch.full_like(point.potential, 1.0 if self.step_size is None else float(self.step_size))
-        if self.step_size is None:
-            step = find_reasonable_step_size(point, step, inv_mass, potential_and_grad)
         averaging = DualAveraging(step, self.target_accept_prob)
         windows = adaptation_windows(warmup) if self.adapt_mass_matrix else []
         window_ends = {end for _, end in windows}
@@ -160,14 +185,6 @@ class _Hamiltonian:
         draws = zeros(self.num_samples, chains, dim)
         stats = {name: zeros(self.num_samples, chains) for name in self._stat_names()}
         warmup_divergences = zeros(chains)
-        transition, compile_kernel = self._kernel(potential_and_grad, functional_potential_and_grad)
-        kernel_compiled = False
-        if functional_potential_and_grad is not None and compile_kernel is not None:
-            with pyro.validation_enabled(False):
-                try:
-                    kernel_compiled = compile_kernel(point, step, inv_mass)
-                except Exception:  # noqa: BLE001 - a model that cannot be captured runs the eager kernel
-                    kernel_compiled = False
         bar = tqdm(total=total, desc=self.engine_name, disable=not self.progress, leave=False)
         for i in range(total):
             point, info = transition(point, step, inv_mass)
@@ -208,7 +225,6 @@ class _Hamiltonian:
             "inverse_mass_matrix_diagonal": inv_mass.detach(),
             "mean_accept_prob": float(stats["accept_prob"].mean()),
             "num_gradient_evaluations": int(stats["num_steps"].sum()),
-            "kernel_compiled": kernel_compiled,
         }
         return draws.transpose(0, 1).contiguous(), stats, diagnostics
 
