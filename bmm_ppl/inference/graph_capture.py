@@ -277,7 +277,8 @@ def _contract_products(module: torch.fx.GraphModule, values: dict) -> None:
             continue
         keepdim = len(node.args) > 2 and bool(node.args[2])
         rank = full.dim()
-        reduced = {d % rank for d in node.args[1]} if node.args[1] else set(range(rank))
+        dims = node.args[1] if len(node.args) > 1 else None
+        reduced = {d % rank for d in dims} if dims else set(range(rank))
         # The constant (if any) on the right: BLAS reads it contiguous.
         l_node, r_node = operands if operands[0].op != "get_attr" else operands[::-1]
         split = _contraction_dims(values[l_node].shape, values[r_node].shape, reduced, rank)

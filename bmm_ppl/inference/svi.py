@@ -87,7 +87,8 @@ class SVI:
             control flow on traced values, and the graph must reproduce the eager loss and gradients);
             where it cannot (``pyro.module`` parameters, value-dependent control flow, a DataLoader's
             varying batches) the steps run eagerly. ``diagnostics["jit"]`` says which ran (``"graph"`` or
-            ``"none"``). About five times faster per step on small models. The model's Python code runs only
+            ``"none"``). About twelve times faster per step on small models (logistic regression: 270 µs
+            against 3.4 ms). The model's Python code runs only
             while recording, so side effects (counters, printing) happen once; ``False`` always runs eagerly.
         device: move the data here first (``None``: follow the data).
         progress: show a tqdm progress bar.

@@ -264,7 +264,8 @@ class NUTS(_Hamiltonian):
             (:class:`~bmm_ppl.inference.hmc.nuts_kernel.NUTSKernel`). Recording refuses Python control
             flow on latent values, and every graph must reproduce its eager counterpart on a probe; where
             capture fails the sampler runs eagerly. ``diagnostics["jit"]``: ``"kernel"`` (all captured),
-            ``"graph"`` (the potential only) or ``"none"``. About five times faster. The model's Python code
+            ``"graph"`` (the potential only) or ``"none"``. About seven times faster on the CPU (logistic
+            regression, 31 coefficients: 8.4 s against 60 s eager). The model's Python code
             runs only while recording (side effects happen once); ``False`` runs eagerly.
         step_size: the initial step size (``None``: found heuristically).
         adapt_step_size, adapt_mass_matrix: switch the two adaptations.
