@@ -82,6 +82,65 @@ def test_nuts_recovers_a_correlated_cubic_posterior():
     assert (rhat(w) <= 1.01).all()
 
 
+def test_dense_mass_matrix_recovers_a_strongly_correlated_posterior_in_fewer_steps():
+    """Quadratic regression on x in [0.5, 2.5]: coefficient correlations up to -0.98, condition number
+    about 1300. The dense metric whitens the posterior (condition number of the preconditioned exact
+    covariance under 5, where a metric estimated from ~100 autocorrelated warm-up draws in 3 dimensions
+    typically reaches 1.5-2.5), samples the exact posterior (4 MCSE, 10% sd), and needs fewer leapfrog
+    steps than the diagonal metric."""
+    x, y = regression_data(30)
+    x = x + 1.5
+    model = BayesianLinearRegression(polynomial_features(2), alpha=1.0, beta=10.0)
+    samples = Exact().fit(model, x, y).samples(200_000)["w"]
+    mean, sd, covariance = samples.mean(0), samples.std(0), torch.cov(samples.T)
+    correlation = covariance / torch.outer(sd, sd)
+    assert correlation.abs().triu(1).max() > 0.95
+    runs = {}
+    for dense in (False, True):
+        pyro.set_rng_seed(0)
+        runs[dense] = NUTS(num_samples=500, warmup_steps=300, num_chains=2, dense_mass=dense, progress=False).fit(model, x, y)
+    post = runs[True]
+    assert_matches(post.draws()["w"], mean, sd)
+    metric = post.diagnostics["inverse_mass_matrix"]
+    assert metric.shape == (2, 3, 3)
+    assert torch.linalg.cond(covariance) > 1000
+    whitening = torch.linalg.inv(torch.linalg.cholesky(metric))
+    preconditioned = whitening @ covariance @ whitening.transpose(-1, -2)
+    assert (torch.linalg.cond(preconditioned) < 5).all(), torch.linalg.eigvalsh(preconditioned)
+    torch.testing.assert_close(post.diagnostics["inverse_mass_matrix_diagonal"], metric.diagonal(dim1=-2, dim2=-1))
+    steps = {dense: float(run.sample_stats["num_steps"].mean()) for dense, run in runs.items()}
+    assert steps[True] < 0.6 * steps[False], steps
+
+
+def test_dense_mass_jit_gives_the_same_chain():
+    x, y = regression_data()
+    model = BayesianLinearRegression(polynomial_features(1), alpha=1.0, beta=10.0)
+    runs = {}
+    for jit in (False, True):
+        pyro.set_rng_seed(4)
+        runs[jit] = NUTS(num_samples=20, warmup_steps=100, num_chains=2, dense_mass=True, jit=jit, progress=False).fit(model, x, y)
+    assert runs[True].diagnostics["jit"] == "kernel"
+    torch.testing.assert_close(runs[True].draws()["w"], runs[False].draws()["w"], rtol=1e-6, atol=1e-8)
+
+
+def test_hmc_with_a_dense_metric_samples_a_correlated_gaussian():
+    """N(0, S) with correlation 0.9 and scales 0.5 and 2. With the dense metric the whitened target is
+    isotropic, so a fixed trajectory is near the same fraction of a period in every direction: draws of z
+    are antithetic (huge ESS for the mean) while z^2 mixes slowly (ESS about 1300 of 8000 here), so the
+    covariance is checked to 15%, about 4 of its relative MCSE sqrt(2 / 1300) = 4%."""
+    scales = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    covariance = torch.tensor([[1.0, 0.9], [0.9, 1.0]], dtype=torch.float64) * torch.outer(scales, scales)
+    precision = torch.linalg.inv(covariance)
+    pyro.set_rng_seed(0)
+    engine = HMC(num_samples=2000, warmup_steps=500, num_chains=4, num_steps=3, dense_mass=True, progress=False)
+    post = engine.run_potential(lambda z: 0.5 * ((z @ precision) * z).sum(-1), torch.zeros(2, dtype=torch.float64))
+    z = post.draws()["z"]
+    assert post.diagnostics["inverse_mass_matrix"].shape == (4, 2, 2)
+    assert (z.reshape(-1, 2).mean(0).abs() < 4 * scales / torch.as_tensor(bulk_ess(z)).sqrt()).all()
+    relative = torch.cov(z.reshape(-1, 2).T) / covariance - 1
+    assert relative.abs().max() < 0.15, relative
+
+
 def gamma_model():
     pyro.sample("s", dist.Gamma(torch.tensor(3.0, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)))
 
@@ -188,12 +247,14 @@ def test_device_discipline():
     with default_device("meta"):
         post = NUTS(num_samples=20, warmup_steps=60, num_chains=2, progress=False).fit(model, x, y)
         hmc = HMC(num_samples=10, warmup_steps=60, num_steps=3, progress=False).fit(model, x, y)
+        dense = NUTS(num_samples=10, warmup_steps=60, dense_mass=True, progress=False).fit(model, x, y)
         raw = NUTS(num_samples=10, warmup_steps=10, progress=False).run_potential(
             lambda z: 0.5 * (z**2).sum(-1), torch.zeros(2, dtype=torch.float64, device="cpu")
         )
     assert post.draws()["w"].device.type == "cpu"
     assert post.sample_stats["diverging"].device.type == "cpu"
     assert hmc.draws()["w"].device.type == "cpu"
+    assert dense.draws()["w"].device.type == dense.diagnostics["inverse_mass_matrix"].device.type == "cpu"
     assert raw.draws()["z"].device.type == "cpu"
 
 
@@ -201,9 +262,10 @@ def test_device_discipline():
 def test_nuts_on_gpu():
     x, y = regression_data(device="cuda")
     model = BayesianLinearRegression(polynomial_features(1), alpha=1.0, beta=10.0)
-    post = NUTS(num_samples=100, warmup_steps=100, num_chains=4, progress=False).fit(model, x, y)
-    assert post.draws()["w"].device.type == "cuda"
-    assert post.sample_stats["diverging"].device.type == "cuda"
+    for dense in (False, True):
+        post = NUTS(num_samples=100, warmup_steps=100, num_chains=4, dense_mass=dense, progress=False).fit(model, x, y)
+        assert post.draws()["w"].device.type == "cuda"
+        assert post.sample_stats["diverging"].device.type == "cuda"
 
 
 @pytest.mark.parametrize(
@@ -215,6 +277,7 @@ def test_nuts_on_gpu():
         ({"target_accept_prob": 1.5}, "target_accept_prob"),
         ({"max_tree_depth": 0}, "max_tree_depth"),
         ({"step_size": -0.1}, "step_size"),
+        ({"dense_mass": "yes"}, "dense_mass"),
     ],
 )
 def test_bad_settings_are_named(kwargs, match):

@@ -1,4 +1,5 @@
-"""Warm-up adaptation as in Stan: dual-averaging step size and windowed diagonal mass matrix, per chain.
+"""Warm-up adaptation as in Stan: dual-averaging step size and windowed diagonal or dense mass matrix,
+per chain.
 
 All state is tensors over chains (``Tensor[C]`` / ``Tensor[C, D]``) on the chains' device; nothing here
 synchronises with the host except :func:`find_reasonable_step_size`, which runs once per window.
@@ -71,6 +72,39 @@ class WelfordVariance:
         n = self.count
         variance = self.m2 / max(n - 1, 1)
         return (n / (n + 5.0)) * variance + 1e-3 * (5.0 / (n + 5.0))
+
+
+class WelfordCovariance:
+    """Running per-chain mean and covariance of draws ``Tensor[C, D]`` (Welford's algorithm), for a dense
+    mass matrix.
+
+    Example:
+        >>> estimate = WelfordCovariance(torch.zeros(1, 2))
+        >>> for z in torch.tensor([[[0.0, 0.0]], [[1.0, 2.0]], [[2.0, 4.0]]]):
+        ...     estimate.update(z)
+        >>> estimate.m2[0] / (estimate.count - 1)
+        tensor([[1., 2.],
+                [2., 4.]])
+    """
+
+    def __init__(self, like: torch.Tensor):
+        self.count = 0
+        self.mean = torch.zeros_like(like)
+        self.m2 = like.new_zeros(like.shape + like.shape[-1:])
+
+    def update(self, z: torch.Tensor) -> None:
+        self.count += 1
+        delta = z - self.mean
+        self.mean = self.mean + delta / self.count
+        self.m2 = self.m2 + delta.unsqueeze(-1) * (z - self.mean).unsqueeze(-2)
+
+    def regularised_variance(self) -> torch.Tensor:
+        """Stan's shrunk estimate ``n/(n+5) Sigma + 1e-3 * 5/(n+5) I``: Tensor[C, D, D] (symmetric)."""
+        n = self.count
+        covariance = self.m2 / max(n - 1, 1)
+        covariance = 0.5 * (covariance + covariance.transpose(-1, -2))
+        eye = torch.eye(covariance.shape[-1], dtype=covariance.dtype, device=covariance.device)
+        return (n / (n + 5.0)) * covariance + 1e-3 * (5.0 / (n + 5.0)) * eye
 
 
 def adaptation_windows(warmup_steps: int, init_buffer: int = 75, term_buffer: int = 50, base_window: int = 25) -> list[tuple[int, int]]:

@@ -1,8 +1,9 @@
 """Hamiltonian dynamics over a batch of chains: the leapfrog step and the kinetic energy.
 
 Shapes: ``z, r, grad: Tensor[C, D]`` (C chains, D unconstrained dimensions), ``potential: Tensor[C]``,
-``inv_mass: Tensor[C, D]`` (a diagonal inverse mass matrix per chain), ``step_size: Tensor[C]`` (signed
-for integration backwards in time).
+``step_size: Tensor[C]`` (signed for integration backwards in time), and the inverse mass matrix
+(the metric) per chain: ``inv_mass: Tensor[C, D]`` for a diagonal one, ``Tensor[C, D, D]`` (symmetric
+positive definite) for a dense one. Every function here takes either.
 """
 
 from __future__ import annotations
@@ -35,14 +36,38 @@ class PhasePoint:
         )
 
 
+def is_dense(inv_mass: torch.Tensor) -> bool:
+    """Whether ``inv_mass`` is a dense ``Tensor[C, D, D]`` (else a diagonal ``Tensor[C, D]``)."""
+    return inv_mass.dim() == 3
+
+
+def velocity(r: torch.Tensor, inv_mass: torch.Tensor) -> torch.Tensor:
+    """``M^-1 r`` for momenta ``r: Tensor[C, D]`` or ``Tensor[C, K, D]`` (K momenta per chain), same shape.
+
+    Example:
+        >>> velocity(torch.ones(2, 3), torch.full((2, 3), 2.0))[0]
+        tensor([2., 2., 2.])
+        >>> velocity(torch.ones(2, 3), 2 * torch.eye(3).expand(2, 3, 3))[0]
+        tensor([2., 2., 2.])
+    """
+    if is_dense(inv_mass):  # symmetric: r M^-1 row by row
+        return torch.matmul(r.unsqueeze(-2), inv_mass).squeeze(-2) if r.dim() == 2 else torch.matmul(r, inv_mass)
+    return r * inv_mass if r.dim() == 2 else r * inv_mass.unsqueeze(-2)
+
+
 def kinetic_energy(r: torch.Tensor, inv_mass: torch.Tensor) -> torch.Tensor:
     """``0.5 r^T M^-1 r``: Tensor[C]."""
-    return 0.5 * (r * r * inv_mass).sum(-1)
+    return 0.5 * (r * velocity(r, inv_mass)).sum(-1)
 
 
 def sample_momentum(z: torch.Tensor, inv_mass: torch.Tensor) -> torch.Tensor:
-    """``r ~ N(0, M)`` with ``M = diag(1 / inv_mass)``: Tensor[C, D] on ``z``'s device and dtype."""
-    return torch.randn(z.shape, dtype=z.dtype, device=z.device) * inv_mass.rsqrt()
+    """``r ~ N(0, M)``: Tensor[C, D] on ``z``'s device and dtype. Diagonal: ``r = eps / sqrt(M^-1)``;
+    dense, with ``M^-1 = L L^T``: ``r = L^-T eps``, whose covariance is ``(L L^T)^-1 = M``."""
+    noise = torch.randn(z.shape, dtype=z.dtype, device=z.device)
+    if is_dense(inv_mass):
+        lower = torch.linalg.cholesky(inv_mass)
+        return torch.linalg.solve_triangular(lower.transpose(-1, -2), noise.unsqueeze(-1), upper=True).squeeze(-1)
+    return noise * inv_mass.rsqrt()
 
 
 def leapfrog(
@@ -61,7 +86,7 @@ def leapfrog(
     """
     eps = step_size.unsqueeze(-1)
     r_half = point.r - 0.5 * eps * point.grad
-    z_new = point.z + eps * inv_mass * r_half
+    z_new = point.z + eps * velocity(r_half, inv_mass)
     if active is not None:
         z_new = torch.where(active.unsqueeze(-1), z_new, safe_z)
     potential, grad = potential_and_grad(z_new)

@@ -17,7 +17,8 @@ applied: they would have to be applied at every node of the tree to keep it symm
 Chains advance in lockstep: a chain whose subtree stops early (U-turn or divergence) is masked (its
 statistics stop counting; its integration goes on unseen, rows of the batched potential being
 independent) while the others go on. Shapes: ``C`` chains, ``D`` dimensions,
-``K = max_tree_depth`` checkpoints.
+``K = max_tree_depth`` checkpoints; the inverse mass matrix ``inv_mass`` is diagonal (``Tensor[C, D]``) or
+dense (``Tensor[C, D, D]``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from bmm_ppl.inference.hmc.integrator import PhasePoint, kinetic_energy, sample_momentum
+from bmm_ppl.inference.hmc.integrator import PhasePoint, is_dense, kinetic_energy, sample_momentum, velocity
 
 MAX_ENERGY_ERROR = 1000.0  # Stan's threshold on H(new) - H(start) for calling a transition divergent
 
@@ -77,7 +78,7 @@ class Subtree(NamedTuple):
     num_steps: torch.Tensor  # Tensor[C]
     forward: torch.Tensor  # Tensor[C] bool: the direction of this doubling
     half_step: torch.Tensor  # Tensor[C, 1]: half the signed step size
-    step_inv_mass: torch.Tensor  # Tensor[C, D]: signed step size times the inverse mass
+    step_inv_mass: torch.Tensor  # Tensor[C, D] (or [C, D, D]): signed step size times the inverse mass
     any_building: torch.Tensor  # Tensor[] bool: whether any chain still builds (read once per leaf)
 
 
@@ -99,6 +100,7 @@ def begin_doubling(tree: Trajectory, step_size: torch.Tensor, inv_mass: torch.Te
     grad = torch.where(col, tree.plus_grad, tree.minus_grad)
     checkpoints = z.new_zeros(z.shape[:1] + (num_checkpoints,) + z.shape[1:])
     step = _col(torch.where(forward, step_size, -step_size))
+    step_inv_mass = (step.unsqueeze(-1) if is_dense(inv_mass) else step) * inv_mass
     return Subtree(
         z=z, r=torch.where(col, tree.plus_r, tree.minus_r), grad=grad, potential=potential,
         proposal_z=z, proposal_potential=potential, proposal_grad=grad,
@@ -106,7 +108,7 @@ def begin_doubling(tree: Trajectory, step_size: torch.Tensor, inv_mass: torch.Te
         r_checkpoints=checkpoints, r_sum_checkpoints=checkpoints,
         building=tree.active, turning=torch.zeros_like(tree.active), diverging=torch.zeros_like(tree.active),
         sum_accept=torch.zeros_like(step_size), num_steps=torch.zeros_like(step_size),
-        forward=forward, half_step=0.5 * step, step_inv_mass=step * inv_mass, any_building=tree.active.any(),
+        forward=forward, half_step=0.5 * step, step_inv_mass=step_inv_mass, any_building=tree.active.any(),
     )
 
 
@@ -118,7 +120,7 @@ def add_leaf(potential_and_grad, sub: Subtree, half_inv_mass: torch.Tensor, inv_
 
     Args:
         potential_and_grad: ``z: Tensor[C, D] -> (U: Tensor[C], dU/dz: Tensor[C, D])``.
-        half_inv_mass: Tensor[C, D] half the inverse mass; inv_mass: Tensor[C, 1, D] the inverse mass.
+        half_inv_mass: half the inverse mass; inv_mass: the inverse mass (``Tensor[C, D]`` or ``[C, D, D]``).
         energy0: Tensor[C] the Hamiltonian at the transition's start.
         mask: with ``opens``, Tensor[K, 1] bool: the checkpoint this leaf opens; else Tensor[K] bool: the
             checkpoints whose sub-subtrees this leaf closes (see :func:`_checkpoint_masks`).
@@ -128,10 +130,13 @@ def add_leaf(potential_and_grad, sub: Subtree, half_inv_mass: torch.Tensor, inv_
     # and the rows of the batched potential are independent, so a stopped chain may go on integrating.
     building = sub.building
     r_half = torch.addcmul(sub.r, sub.half_step, sub.grad, value=-1.0)
-    z_new = torch.addcmul(sub.z, sub.step_inv_mass, r_half)
+    if is_dense(sub.step_inv_mass):
+        z_new = sub.z + velocity(r_half, sub.step_inv_mass)
+    else:
+        z_new = torch.addcmul(sub.z, sub.step_inv_mass, r_half)
     potential, grad = potential_and_grad(z_new)
     r_new = torch.addcmul(r_half, sub.half_step, grad, value=-1.0)
-    delta = potential - energy0 + (r_new * r_new * half_inv_mass).sum(-1)  # H(new) - H(start)
+    delta = potential - energy0 + (r_new * velocity(r_new, half_inv_mass)).sum(-1)  # H(new) - H(start)
     delta = torch.nan_to_num(delta, nan=math.inf, posinf=math.inf, neginf=math.inf)
     log_weight = -delta
     diverging = building & (delta > MAX_ENERGY_ERROR)
@@ -151,7 +156,7 @@ def add_leaf(potential_and_grad, sub: Subtree, half_inv_mass: torch.Tensor, inv_
     else:
         # Sub-subtree from checkpoint k to this leaf: momentum sum rho = r_sum - r_sum[k] + r[k]; the
         # criterion v . rho > 0 at both ends with v = M^-1 r, i.e. r . (M^-1 rho) > 0.
-        velocity_rho = inv_mass * (r_sum_k - r_sum_checkpoints + r_checkpoints)  # (C, K, D)
+        velocity_rho = velocity(r_sum_k - r_sum_checkpoints + r_checkpoints, inv_mass)  # (C, K, D)
         not_turning = ((r_checkpoints * velocity_rho).sum(-1) > 0) & ((r_new_k * velocity_rho).sum(-1) > 0)
         turned = (mask > not_turning).any(-1)  # a checked sub-subtree that turns
         still_building = building > (turned | diverging)
@@ -191,7 +196,7 @@ def merge_subtree(tree: Trajectory, sub: Subtree, inv_mass: torch.Tensor) -> Tra
     minus_r = torch.where(backward_col, sub.r, tree.minus_r)
     plus_r = torch.where(forward_col, sub.r, tree.plus_r)
     r_sum = torch.where(_col(valid), tree.r_sum + sub.r_sum, tree.r_sum)
-    no_turn = _no_turn(inv_mass * minus_r, inv_mass * plus_r, r_sum)
+    no_turn = _no_turn(velocity(minus_r, inv_mass), velocity(plus_r, inv_mass), r_sum)
     return Trajectory(
         minus_z=torch.where(backward_col, sub.z, tree.minus_z), minus_r=minus_r,
         minus_grad=torch.where(backward_col, sub.grad, tree.minus_grad),
@@ -294,7 +299,7 @@ class NUTSKernel:
             sub = begin_doubling(tree, step_size, inv_mass, self.max_tree_depth)
             store, check = self._leaf_masks(0, device)[0], self._leaf_masks(1, device)[1]
             functional = self.functional_potential_and_grad
-            constants = (0.5 * inv_mass, inv_mass.unsqueeze(1), energy0)
+            constants = (0.5 * inv_mass, inv_mass, energy0)
             pieces = [
                 (self._open, (*tree, step_size, inv_mass)),
                 (functools.partial(_leaf_flat, functional), (*sub, *constants, store)),
@@ -318,22 +323,23 @@ class NUTSKernel:
 
         Args:
             point: the current positions (``point.r`` is ignored: momenta are drawn afresh).
-            step_size: Tensor[C]; inv_mass: Tensor[C, D] diagonal inverse mass matrices.
+            step_size: Tensor[C]; inv_mass: the inverse mass matrices, diagonal ``Tensor[C, D]`` or dense
+                ``Tensor[C, D, D]``.
 
         Returns:
             ``(new_point, info)`` with ``info`` = ``{"accept_prob", "diverging", "num_steps",
             "tree_depth"}``, each Tensor[C].
         """
         tree, energy0 = start_trajectory(point, inv_mass)
-        half_inv_mass, inv_mass_k = 0.5 * inv_mass, inv_mass.unsqueeze(1)
+        half_inv_mass = 0.5 * inv_mass
         device = point.z.device
         sub = self._open(*tree, step_size, inv_mass)
         for depth in range(self.max_tree_depth):
             if depth == 0:  # a one-leaf subtree
-                sub = self._leaf(*sub, half_inv_mass, inv_mass_k, energy0, self._leaf_masks(0, device)[0])
+                sub = self._leaf(*sub, half_inv_mass, inv_mass, energy0, self._leaf_masks(0, device)[0])
             for leaf in range(0, 2**depth if depth else 0, 2):
                 store, check = self._leaf_masks(leaf, device)[0], self._leaf_masks(leaf + 1, device)[1]
-                sub = self._pair(*sub, half_inv_mass, inv_mass_k, energy0, store, check)
+                sub = self._pair(*sub, half_inv_mass, inv_mass, energy0, store, check)
                 if not bool(sub[-1]):  # Subtree.any_building: every chain has stopped this subtree
                     break
             merged = self._merge_and_open(*tree, *sub, step_size, inv_mass)
