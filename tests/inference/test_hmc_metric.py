@@ -2,7 +2,7 @@
 
 import torch
 
-from bmm_ppl.inference.hmc.adaptation import WelfordCovariance, WelfordVariance
+from bmm_ppl.inference.hmc.adaptation import ShrunkCovariance, WelfordVariance
 from bmm_ppl.inference.hmc.integrator import kinetic_energy, sample_momentum, velocity
 
 
@@ -39,18 +39,86 @@ def test_kinetic_energy_and_velocity_of_both_metrics():
     torch.testing.assert_close(velocity(rk, diagonal), velocity(rk, torch.diag_embed(diagonal)))
 
 
-def test_welford_estimates_match_torch_and_stan_regularisation():
+def test_diagonal_welford_matches_torch_and_stan_regularisation():
     generator = torch.Generator().manual_seed(3)
-    draws = torch.randn(50, 2, 3, generator=generator, dtype=torch.float64) @ torch.tensor(
-        [[1.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0.0, 0.0, 2.0]], dtype=torch.float64
-    )
-    dense, diagonal = WelfordCovariance(draws[0]), WelfordVariance(draws[0])
+    draws = torch.randn(50, 2, 3, generator=generator, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    estimate = WelfordVariance(draws[0])
     for z in draws:
-        dense.update(z)
-        diagonal.update(z)
+        estimate.update(z)
     n = 50
+    expected = n / (n + 5) * draws.var(0, unbiased=True) + 1e-3 * 5 / (n + 5)
+    torch.testing.assert_close(estimate.regularised_variance(), expected)
+
+
+def schafer_strimmer(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Direct (loop) computation for one chain, x: (n, D): the shrunk covariance and the intensity."""
+    n, d = x.shape
+    centred = x - x.mean(0)
+    s = centred.T @ centred / (n - 1)
+    numerator = denominator = 0.0
+    for i in range(d):
+        for j in range(d):
+            if i == j:
+                continue
+            w = centred[:, i] * centred[:, j]
+            numerator += n / (n - 1) ** 3 * float(((w - w.mean()) ** 2).sum())
+            denominator += float(s[i, j] ** 2)
+    intensity = min(max(numerator / denominator, 0.0), 1.0)
+    shrunk = s * (1 - intensity) + torch.diag(s.diagonal()) * intensity
+    return shrunk, intensity
+
+
+def fill(draws, inv_mass=None):
+    estimate = ShrunkCovariance(draws[0], inv_mass)
+    for z in draws:
+        estimate.update(z)
+    return estimate
+
+
+def test_shrunk_covariance_matches_the_direct_formula_and_stan_regularisation():
+    generator = torch.Generator().manual_seed(4)
+    mixing = torch.tensor([[1.0, 0.8, 0.0], [0.0, 0.6, 0.3], [0.0, 0.0, 2.0]], dtype=torch.float64)
+    draws = torch.randn(30, 2, 3, generator=generator, dtype=torch.float64) @ mixing
+    estimate = fill(draws)
+    covariance, intensity = estimate.shrunk_covariance()
+    n = 30
     for chain in range(2):
-        covariance = torch.cov(draws[:, chain].T)
-        expected = n / (n + 5) * covariance + 1e-3 * 5 / (n + 5) * torch.eye(3, dtype=torch.float64)
-        torch.testing.assert_close(dense.regularised_variance()[chain], expected)
-        torch.testing.assert_close(diagonal.regularised_variance()[chain], expected.diagonal())
+        expected, expected_intensity = schafer_strimmer(draws[:, chain])
+        torch.testing.assert_close(covariance[chain], expected)
+        assert abs(float(intensity[chain]) - expected_intensity) < 1e-12
+        regularised = n / (n + 5) * expected + 1e-3 * 5 / (n + 5) * torch.eye(3, dtype=torch.float64)
+        torch.testing.assert_close(estimate.regularised_variance()[chain], regularised)
+
+
+def test_shrinkage_happens_in_the_coordinates_the_current_metric_whitens():
+    """With a current metric L L^T, the estimate is L S*(L^-1 z) L^T: a correlation the metric already
+    holds is kept, and only the residual correlations are shrunk."""
+    generator = torch.Generator().manual_seed(6)
+    metric = random_covariance(3, generator).expand(2, 3, 3)
+    lower = torch.linalg.cholesky(metric[0])
+    draws = torch.randn(20, 2, 3, generator=generator, dtype=torch.float64) @ lower.T  # distributed as the metric
+    covariance, intensity = fill(draws, metric).shrunk_covariance()
+    for chain in range(2):
+        whitened = torch.linalg.solve_triangular(lower, draws[:, chain].T, upper=False).T
+        expected, expected_intensity = schafer_strimmer(whitened)
+        torch.testing.assert_close(covariance[chain], lower @ expected @ lower.T)
+        assert abs(float(intensity[chain]) - expected_intensity) < 1e-12
+    # A diagonal current metric is taken as such.
+    diagonal = metric[:, 0].abs() + 0.5
+    torch.testing.assert_close(fill(draws, diagonal).shrunk_covariance()[0],
+                               fill(draws, torch.diag_embed(diagonal)).shrunk_covariance()[0])
+
+
+def test_shrinkage_fades_with_many_draws_and_rescues_windows_shorter_than_the_dimension():
+    generator = torch.Generator().manual_seed(5)
+    mixing = torch.tensor([[1.0, 0.9], [0.0, 0.4]], dtype=torch.float64)
+    many = fill(torch.randn(4000, 1, 2, generator=generator, dtype=torch.float64) @ mixing)
+    _, intensity = many.shrunk_covariance()
+    assert float(intensity) < 0.01  # correlation 0.91 from 4000 draws: nothing to shrink
+    few = fill(torch.randn(6, 1, 20, generator=generator, dtype=torch.float64))  # 6 draws, 20 dimensions
+    covariance, intensity = few.shrunk_covariance()
+    assert float(intensity) > 0.5  # independent coordinates: the sample correlations are mostly noise
+    # The raw sample covariance has rank 5 (20 - 5 zero eigenvalues); the shrunk one is well conditioned.
+    centred = torch.stack(few.draws, 1)[0] - torch.stack(few.draws, 1)[0].mean(0)
+    assert torch.linalg.matrix_rank(centred.T @ centred) == 5
+    assert torch.linalg.eigvalsh(covariance[0]).min() > 0.05

@@ -74,34 +74,74 @@ class WelfordVariance:
         return (n / (n + 5.0)) * variance + 1e-3 * (5.0 / (n + 5.0))
 
 
-class WelfordCovariance:
-    """Running per-chain mean and covariance of draws ``Tensor[C, D]`` (Welford's algorithm), for a dense
-    mass matrix.
+class ShrunkCovariance:
+    """Per-chain covariance of a window of draws ``Tensor[C, D]``, for a dense mass matrix: the sample
+    covariance, measured in the coordinates that the current metric whitens, with its correlations there
+    shrunk toward zero by the Schafer-Strimmer (2005) intensity.
+
+    A covariance from ``n`` draws has rank below ``n``, and for ``n`` not much larger than ``D`` its small
+    eigenvalues are far too small (Marchenko-Pastur), which would force a tiny step size. The intensity
+    ``lambda = sum_{i != j} Var(s_ij) / sum_{i != j} s_ij^2`` (clipped to [0, 1]) is estimated from the draws
+    themselves: near 1 where the sample correlations are noise (short windows), near 0 where they are
+    clear. Shrinking in the current metric's whitened coordinates ``u = L^-1 z`` (``M^-1 = L L^T``; the
+    identity at first) keeps the structure already learnt: a strong correlation found by an earlier
+    window is not shrunk away, only the noise around it. The draws of the window are kept
+    (``C * n * D`` numbers).
+
+    Args:
+        like: Tensor[C, D], for shapes.
+        inv_mass: the current metric, Tensor[C, D, D] (or diagonal Tensor[C, D]); ``None``: the identity.
 
     Example:
-        >>> estimate = WelfordCovariance(torch.zeros(1, 2))
-        >>> for z in torch.tensor([[[0.0, 0.0]], [[1.0, 2.0]], [[2.0, 4.0]]]):
+        >>> estimate = ShrunkCovariance(torch.zeros(1, 2))
+        >>> for z in torch.randn(400, 1, 2) @ torch.tensor([[1.0, 0.9], [0.0, 0.4]]):
         ...     estimate.update(z)
-        >>> estimate.m2[0] / (estimate.count - 1)
-        tensor([[1., 2.],
-                [2., 4.]])
+        >>> covariance, intensity = estimate.shrunk_covariance()
+        >>> covariance.shape, bool(intensity[0] < 0.05)
+        (torch.Size([1, 2, 2]), True)
     """
 
-    def __init__(self, like: torch.Tensor):
-        self.count = 0
-        self.mean = torch.zeros_like(like)
-        self.m2 = like.new_zeros(like.shape + like.shape[-1:])
+    def __init__(self, like: torch.Tensor, inv_mass: torch.Tensor | None = None):
+        self.draws: list[torch.Tensor] = []
+        if inv_mass is not None and inv_mass.dim() == 2:
+            inv_mass = torch.diag_embed(inv_mass)
+        self.factor = None if inv_mass is None else torch.linalg.cholesky(inv_mass)  # (C, D, D) lower
+
+    @property
+    def count(self) -> int:
+        return len(self.draws)
 
     def update(self, z: torch.Tensor) -> None:
-        self.count += 1
-        delta = z - self.mean
-        self.mean = self.mean + delta / self.count
-        self.m2 = self.m2 + delta.unsqueeze(-1) * (z - self.mean).unsqueeze(-2)
+        self.draws.append(z)
+
+    def shrunk_covariance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(covariance: Tensor[C, D, D], intensity: Tensor[C])``."""
+        draws = torch.stack(self.draws, dim=1)  # (C, n, D)
+        n = draws.shape[1]
+        centred = draws - draws.mean(1, keepdim=True)
+        if self.factor is not None:  # u = L^-1 z, row by row
+            centred = torch.linalg.solve_triangular(self.factor, centred.transpose(-1, -2), upper=False).transpose(-1, -2)
+        covariance = centred.transpose(-1, -2) @ centred / max(n - 1, 1)
+        # Var(s_ij) = n / (n-1)^3 * sum_k (w_kij - mean_k w_kij)^2, with w_kij = centred_ki * centred_kj.
+        squares = centred * centred
+        sum_w2 = squares.transpose(-1, -2) @ squares
+        mean_w = covariance * (n - 1) / n
+        variance_of_entries = (sum_w2 - n * mean_w * mean_w).clamp(min=0) * n / max(n - 1, 1) ** 3
+        off_diagonal = 1 - torch.eye(draws.shape[-1], dtype=draws.dtype, device=draws.device)
+        numerator = (variance_of_entries * off_diagonal).sum((-1, -2))
+        denominator = (covariance * covariance * off_diagonal).sum((-1, -2))
+        intensity = torch.where(denominator > 0, numerator / denominator.clamp(min=torch.finfo(draws.dtype).tiny),
+                                torch.ones_like(numerator)).clamp(0.0, 1.0)
+        shrunk = covariance * (1 - intensity[:, None, None] * off_diagonal)
+        if self.factor is not None:  # back: L S_u L^T
+            shrunk = self.factor @ shrunk @ self.factor.transpose(-1, -2)
+        return shrunk, intensity
 
     def regularised_variance(self) -> torch.Tensor:
-        """Stan's shrunk estimate ``n/(n+5) Sigma + 1e-3 * 5/(n+5) I``: Tensor[C, D, D] (symmetric)."""
+        """Stan's regularisation of the shrunk covariance: ``n/(n+5) Sigma + 1e-3 * 5/(n+5) I``:
+        Tensor[C, D, D] (symmetric)."""
         n = self.count
-        covariance = self.m2 / max(n - 1, 1)
+        covariance, _ = self.shrunk_covariance()
         covariance = 0.5 * (covariance + covariance.transpose(-1, -2))
         eye = torch.eye(covariance.shape[-1], dtype=covariance.dtype, device=covariance.device)
         return (n / (n + 5.0)) * covariance + 1e-3 * (5.0 / (n + 5.0)) * eye

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from bmm_ppl.inference.hmc.adaptation import (
     DualAveraging,
-    WelfordCovariance,
+    ShrunkCovariance,
     WelfordVariance,
     adaptation_windows,
     find_reasonable_step_size,
@@ -194,12 +194,12 @@ class _Hamiltonian:
     def _loop(self, potential_and_grad, point: PhasePoint, transition, step: torch.Tensor, inv_mass: torch.Tensor):
         chains, dim = point.z.shape
         warmup, total = self.warmup_steps, self.warmup_steps + self.num_samples
-        estimator = WelfordCovariance if self.dense_mass else WelfordVariance
+        estimator = ShrunkCovariance if self.dense_mass else WelfordVariance
         averaging = DualAveraging(step, self.target_accept_prob)
         windows = adaptation_windows(warmup) if self.adapt_mass_matrix else []
         window_ends = {end for _, end in windows}
         in_window = {i for start, end in windows for i in range(start, end)}
-        variance = estimator(point.z)
+        variance = estimator(point.z, inv_mass) if self.dense_mass else estimator(point.z)
         zeros = point.z.new_zeros
         draws = zeros(self.num_samples, chains, dim)
         stats = {name: zeros(self.num_samples, chains) for name in self._stat_names()}
@@ -215,7 +215,7 @@ class _Hamiltonian:
                     variance.update(point.z)
                 if i + 1 in window_ends:
                     inv_mass = variance.regularised_variance()
-                    variance = estimator(point.z)
+                    variance = estimator(point.z, inv_mass) if self.dense_mass else estimator(point.z)
                     if self.adapt_step_size:
                         step = find_reasonable_step_size(point, step, inv_mass, potential_and_grad)
                         averaging = DualAveraging(step, self.target_accept_prob)
@@ -290,7 +290,10 @@ class NUTS(_Hamiltonian):
             runs only while recording (side effects happen once); ``False`` runs eagerly.
         step_size: the initial step size (``None``: found heuristically).
         adapt_step_size, adapt_mass_matrix: switch the two adaptations.
-        dense_mass: adapt a dense inverse mass matrix (the regularised covariance of the warm-up draws,
+        dense_mass: adapt a dense inverse mass matrix (the covariance of each window's warm-up draws,
+            its correlations shrunk toward zero by the Schafer-Strimmer intensity so that short windows give
+            a nearly diagonal metric, then regularised as Stan does:
+            :class:`~bmm_ppl.inference.hmc.adaptation.ShrunkCovariance`;
             ``diagnostics["inverse_mass_matrix"]: Tensor[C, D, D]``) instead of a diagonal one: far fewer
             leapfrog steps per draw on strongly correlated posteriors, at O(D^2) per step.
         evidence: ``"bridge"`` to attach a bridge-sampling log evidence
