@@ -10,7 +10,9 @@ cache is cleared before each run, so each run pays its compilation as a user's f
 ratios compare median ESS/s: the minimum bulk ESS over 31 coefficients varies by about 20% from seed to
 seed. Prints a table of ratios against the peers for each chain count.
 
-Run: ``python benchmarks/nuts_ess_per_second.py [--quick] [--skip-pyro] [--chains 1 4] [--repeats 3]``
+``--dense`` adds both samplers with dense mass matrices (``dense_mass=True``), compared with each other.
+
+Run: ``python benchmarks/nuts_ess_per_second.py [--quick] [--skip-pyro] [--chains 1 4] [--repeats 3] [--dense]``
 """
 
 from __future__ import annotations
@@ -46,10 +48,11 @@ def min_ess(draws: np.ndarray) -> float:
     return float(az.ess(az.convert_to_dataset({"w": draws}), method="bulk")["w"].values.min())
 
 
-def run_ours(x, y, warmup, samples, jit, chains=1, seed=0):
+def run_ours(x, y, warmup, samples, jit, chains=1, seed=0, dense=False):
     pyro.set_rng_seed(seed)
     start = time.perf_counter()
-    post = NUTS(num_samples=samples, warmup_steps=warmup, num_chains=chains, jit=jit, progress=False).fit(model, x, y)
+    post = NUTS(num_samples=samples, warmup_steps=warmup, num_chains=chains, jit=jit, dense_mass=dense,
+                progress=False).fit(model, x, y)
     seconds = time.perf_counter() - start
     return min_ess(post.draws()["w"].numpy()), seconds, post.diagnostics["num_gradient_evaluations"]
 
@@ -67,7 +70,7 @@ def run_pyro(x, y, warmup, samples, jit, chains=1, seed=0):
     return min_ess(mcmc.get_samples(group_by_chain=True)["w"].numpy()), seconds, None
 
 
-def run_numpyro(x, y, warmup, samples, chains=1, seed=0):
+def run_numpyro(x, y, warmup, samples, chains=1, seed=0, dense=False):
     import jax
     import jax.numpy as jnp
     import numpyro
@@ -85,7 +88,7 @@ def run_numpyro(x, y, warmup, samples, chains=1, seed=0):
     xs, ys = jnp.asarray(x.numpy()), jnp.asarray(y.numpy())
     jax.clear_caches()  # each run compiles, as a user's first run does
     start = time.perf_counter()
-    mcmc = NMCMC(NNUTS(nmodel), num_warmup=warmup, num_samples=samples, num_chains=chains, progress_bar=False,
+    mcmc = NMCMC(NNUTS(nmodel, dense_mass=dense), num_warmup=warmup, num_samples=samples, num_chains=chains, progress_bar=False,
                  chain_method="vectorized" if chains > 1 else "sequential")
     mcmc.run(jax.random.PRNGKey(seed), xs, ys)
     w = np.asarray(mcmc.get_samples(group_by_chain=True)["w"])
@@ -93,7 +96,7 @@ def run_numpyro(x, y, warmup, samples, chains=1, seed=0):
     return min_ess(w), seconds, None
 
 
-def main(quick: bool = False, skip_pyro: bool = False, chain_counts=(1,), repeats: int = 1) -> dict:
+def main(quick: bool = False, skip_pyro: bool = False, chain_counts=(1,), repeats: int = 1, dense: bool = False) -> dict:
     torch.set_num_threads(1)
     warmup, samples = (100, 200) if quick else (500, 1000)
     x, y = data()
@@ -115,6 +118,10 @@ def main(quick: bool = False, skip_pyro: bool = False, chain_counts=(1,), repeat
             runs["Pyro MCMC(NUTS) jit"] = lambda seed: run_pyro(x, y, warmup, samples, jit=True, chains=chains, seed=seed)
         if has_numpyro:
             runs["NumPyro NUTS"] = lambda seed: run_numpyro(x, y, warmup, samples, chains=chains, seed=seed)
+        if dense:  # dense mass matrices, compared like with like
+            runs["bmm NUTS jit dense"] = lambda seed: run_ours(x, y, warmup, samples, jit=True, chains=chains, seed=seed, dense=True)
+            if has_numpyro:
+                runs["NumPyro NUTS dense"] = lambda seed: run_numpyro(x, y, warmup, samples, chains=chains, seed=seed, dense=True)
         results[chains] = {}
         print(f"\n{chains} chain(s), {warmup} warm-up + {samples} draws each, {repeats} run(s) per sampler")
         for name, run in runs.items():
@@ -133,9 +140,9 @@ def main(quick: bool = False, skip_pyro: bool = False, chain_counts=(1,), repeat
                 if repeats > 1:
                     print(f"{name:22s} median ESS/s {np.median(rates):7.2f}  (min {rates[0]:.2f}, max {rates[-1]:.2f})")
         print(f"ratios (median ESS/s of bmm NUTS over the peer's; 2-core CPU, {chains} chain(s)):")
-        for ours in ("bmm NUTS", "bmm NUTS jit"):
+        for ours in ("bmm NUTS", "bmm NUTS jit", "bmm NUTS jit dense"):
             for peer in results[chains]:
-                if peer.startswith("bmm") or ours not in results[chains]:
+                if peer.startswith("bmm") or ours not in results[chains] or ("dense" in ours) != ("dense" in peer):
                     continue
                 ratio = results[chains][ours]["ess_per_second"] / results[chains][peer]["ess_per_second"]
                 print(f"  {ours:14s} / {peer:22s} = {ratio:6.2f}")
@@ -148,5 +155,6 @@ if __name__ == "__main__":
     parser.add_argument("--skip-pyro", action="store_true", help="leave Pyro's (slow) sampler out")
     parser.add_argument("--chains", type=int, nargs="+", default=[1], help="chain counts to run (e.g. 1 4)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per sampler (seeds 0..R-1); ratios of medians")
+    parser.add_argument("--dense", action="store_true", help="also dense mass matrices: ours against NumPyro's dense_mass")
     options = parser.parse_args()
-    main(options.quick, options.skip_pyro, tuple(options.chains), options.repeats)
+    main(options.quick, options.skip_pyro, tuple(options.chains), options.repeats, options.dense)
