@@ -381,7 +381,8 @@ def trace_function(fn: Callable, example_args: Sequence[torch.Tensor]) -> torch.
 
 def capture(fn: Callable, example_args: Sequence[torch.Tensor]) -> Callable:
     """``fn`` (tensors in, a tuple of tensors out, no side effects) as one TorchScript graph specialised to
-    ``example_args``' shapes, dtypes and device.
+    ``example_args``' shapes, dtypes and device (on the CPU run by Static Runtime where it reproduces the
+    graph; each call returns fresh tensors).
 
     Raises whatever the capture raises (e.g. data-dependent control flow under ``make_fx``); callers
     check the captured function against ``fn`` before trusting it.
