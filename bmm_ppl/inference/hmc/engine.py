@@ -191,15 +191,19 @@ class _Hamiltonian:
         eye = torch.eye(dim, dtype=point.z.dtype, device=point.z.device)
         return eye.expand(chains, dim, dim).clone()
 
+    def _window_estimator(self, z: torch.Tensor, inv_mass: torch.Tensor):
+        """A fresh estimator of the next window's metric from its draws (the current metric ``inv_mass``
+        sets the coordinates of the dense estimator's shrinkage)."""
+        return ShrunkCovariance(z, inv_mass) if self.dense_mass else WelfordVariance(z)
+
     def _loop(self, potential_and_grad, point: PhasePoint, transition, step: torch.Tensor, inv_mass: torch.Tensor):
         chains, dim = point.z.shape
         warmup, total = self.warmup_steps, self.warmup_steps + self.num_samples
-        estimator = ShrunkCovariance if self.dense_mass else WelfordVariance
         averaging = DualAveraging(step, self.target_accept_prob)
         windows = adaptation_windows(warmup) if self.adapt_mass_matrix else []
         window_ends = {end for _, end in windows}
         in_window = {i for start, end in windows for i in range(start, end)}
-        variance = estimator(point.z, inv_mass) if self.dense_mass else estimator(point.z)
+        variance = self._window_estimator(point.z, inv_mass)
         zeros = point.z.new_zeros
         draws = zeros(self.num_samples, chains, dim)
         stats = {name: zeros(self.num_samples, chains) for name in self._stat_names()}
@@ -215,7 +219,7 @@ class _Hamiltonian:
                     variance.update(point.z)
                 if i + 1 in window_ends:
                     inv_mass = variance.regularised_variance()
-                    variance = estimator(point.z, inv_mass) if self.dense_mass else estimator(point.z)
+                    variance = self._window_estimator(point.z, inv_mass)
                     if self.adapt_step_size:
                         step = find_reasonable_step_size(point, step, inv_mass, potential_and_grad)
                         averaging = DualAveraging(step, self.target_accept_prob)
