@@ -203,14 +203,18 @@ def _identity_source(node: torch.fx.Node, values: dict):
     return None
 
 
-def _contraction_dims(shape_l, shape_r, reduced: set, rank: int):
-    """Splits the broadcast dimensions of ``l * r`` (aligned right, ``rank`` of them) into those kept from
-    ``l`` only, kept from ``r`` only, and contracted (in both, summed); size-1 dimensions are dropped.
-    ``None`` where the product is not a matrix product (a dimension kept in both, or summed in one only)."""
+def _contraction_dims(shape_l, shape_r, reduced: set, full_shape):
+    """Splits the dimensions of the product ``l * r`` (shaped ``full_shape``; the factors aligned right)
+    into those kept from ``l`` only, kept from ``r`` only, and contracted (in both, summed); size-1
+    dimensions are dropped. ``None`` where the product is not a matrix product: a dimension kept in both,
+    summed in one only, or broadcast from neither factor (an ``expand`` of both)."""
+    rank = len(full_shape)
     shape_l = (1,) * (rank - len(shape_l)) + tuple(shape_l)
     shape_r = (1,) * (rank - len(shape_r)) + tuple(shape_r)
     left, right, contracted = [], [], []
     for dim, (size_l, size_r) in enumerate(zip(shape_l, shape_r)):
+        if max(size_l, size_r) != full_shape[dim]:
+            return None
         if size_l == 1 and size_r == 1:
             continue
         if dim in reduced:
@@ -281,7 +285,7 @@ def _contract_products(module: torch.fx.GraphModule, values: dict) -> None:
         reduced = {d % rank for d in dims} if dims else set(range(rank))
         # The constant (if any) on the right: BLAS reads it contiguous.
         l_node, r_node = operands if operands[0].op != "get_attr" else operands[::-1]
-        split = _contraction_dims(values[l_node].shape, values[r_node].shape, reduced, rank)
+        split = _contraction_dims(values[l_node].shape, values[r_node].shape, reduced, tuple(full.shape))
         if split is None:
             continue
         left, right, contracted, shape_l, shape_r = split
@@ -382,7 +386,7 @@ def trace_function(fn: Callable, example_args: Sequence[torch.Tensor]) -> torch.
 def capture(fn: Callable, example_args: Sequence[torch.Tensor]) -> Callable:
     """``fn`` (tensors in, a tuple of tensors out, no side effects) as one TorchScript graph specialised to
     ``example_args``' shapes, dtypes and device (on the CPU run by Static Runtime where it reproduces the
-    graph; each call returns fresh tensors).
+    graph; a later call never overwrites an earlier call's outputs).
 
     Raises whatever the capture raises (e.g. data-dependent control flow under ``make_fx``); callers
     check the captured function against ``fn`` before trusting it.
@@ -419,7 +423,8 @@ def capture_with_graph(fn: Callable, example_args: Sequence[torch.Tensor]) -> tu
 class _StaticRuntimeGraph:
     """A frozen TorchScript graph run by PyTorch's Static Runtime (CPU): the same operations, with less
     per-operation overhead (no dispatcher round trip for most operations, intermediate buffers reused
-    across calls; outputs are fresh tensors)."""
+    across calls; outputs are never overwritten by a later call, though an input passed straight through
+    is returned as itself, as in TorchScript)."""
 
     def __init__(self, scripted):
         self.scripted = scripted
@@ -442,9 +447,9 @@ def _on_static_runtime(scripted, example_args):
             got = static(*example_args)
     except Exception:  # noqa: BLE001 - an operation Static Runtime cannot run: keep TorchScript
         return scripted
-    expected = expected if isinstance(expected, tuple) else (expected,)
-    got = got if isinstance(got, tuple) else (got,)
-    same = len(expected) == len(got) and all(
+    expected, expected_structure = torch.utils._pytree.tree_flatten(expected)
+    got, got_structure = torch.utils._pytree.tree_flatten(got)
+    same = expected_structure == got_structure and all(
         isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
         and bool(torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, equal_nan=True)))
         for a, b in zip(expected, got)

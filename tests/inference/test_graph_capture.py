@@ -95,11 +95,17 @@ def test_broadcast_products_become_matrix_products(chains):
 
 
 def test_products_that_are_not_matrix_products_stay():
-    """A dimension kept by both factors (a batch of products) is not a matrix product: left alone."""
+    """A dimension kept by both factors (a batch of products) is not a matrix product, nor is one that
+    only an expand of a factor creates (summed: it would lose a factor of 64; kept: a wrong shape)."""
     a, b = torch.randn(4, 64, 32), torch.randn(4, 64, 32)
     module = trace_function(lambda a, b: ((a * b).sum(-1),), [a, b])
     assert torch.ops.aten.mm.default not in _targets(module)
     torch.testing.assert_close(module(a, b)[0], (a * b).sum(-1))
+    x, w = torch.randn(32, dtype=torch.float64), torch.randn(32, dtype=torch.float64)
+    for f in (lambda x, w: ((x.expand(64, 32) * w).sum([0, 1]),),
+              lambda x, w: ((x.expand(64, 32) * w).sum(-1),),
+              lambda x, w: ((x.expand(64, 32) * x).sum(0),)):
+        torch.testing.assert_close(capture(f, [x, w])(x, w)[0], f(x, w)[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -148,6 +154,9 @@ def test_cpu_graphs_run_on_static_runtime_with_fresh_outputs_and_the_eager_rando
     torch.manual_seed(3)
     for a, b in zip(got, step(x)):
         torch.testing.assert_close(a, b)
+    nested = capture(lambda x: (x.exp(), (x.sin(), x.cos())), [x])  # nested outputs too
+    assert isinstance(nested, _StaticRuntimeGraph)
+    torch.testing.assert_close(nested(x)[1][1], x.cos())
 
 
 @pytest.mark.parametrize(

@@ -51,18 +51,21 @@ def test_diagonal_welford_matches_torch_and_stan_regularisation():
 
 
 def schafer_strimmer(x: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Direct (loop) computation for one chain, x: (n, D): the shrunk covariance and the intensity."""
+    """Direct (loop) computation for one chain, x: (n, D): the covariance with its correlations shrunk
+    (Schafer & Strimmer 2005, target D: the intensity from the standardised data) and the intensity."""
     n, d = x.shape
     centred = x - x.mean(0)
     s = centred.T @ centred / (n - 1)
+    standardised = centred / s.diagonal().sqrt()
+    r = standardised.T @ standardised / (n - 1)
     numerator = denominator = 0.0
     for i in range(d):
         for j in range(d):
             if i == j:
                 continue
-            w = centred[:, i] * centred[:, j]
+            w = standardised[:, i] * standardised[:, j]
             numerator += n / (n - 1) ** 3 * float(((w - w.mean()) ** 2).sum())
-            denominator += float(s[i, j] ** 2)
+            denominator += float(r[i, j] ** 2)
     intensity = min(max(numerator / denominator, 0.0), 1.0)
     shrunk = s * (1 - intensity) + torch.diag(s.diagonal()) * intensity
     return shrunk, intensity
@@ -107,6 +110,33 @@ def test_shrinkage_happens_in_the_coordinates_the_current_metric_whitens():
     diagonal = metric[:, 0].abs() + 0.5
     torch.testing.assert_close(fill(draws, diagonal).shrunk_covariance()[0],
                                fill(draws, torch.diag_embed(diagonal)).shrunk_covariance()[0])
+
+
+def test_shrinkage_does_not_depend_on_the_coordinates_scales():
+    generator = torch.Generator().manual_seed(7)
+    draws = torch.randn(15, 1, 3, generator=generator, dtype=torch.float64) @ torch.tensor(
+        [[1.0, 0.7, 0.0], [0.0, 0.7, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    scales = torch.tensor([1e-3, 1.0, 1e3], dtype=torch.float64)
+    _, intensity = fill(draws).shrunk_covariance()
+    covariance, scaled_intensity = fill(draws * scales).shrunk_covariance()
+    torch.testing.assert_close(scaled_intensity, intensity)
+    torch.testing.assert_close(covariance[0], fill(draws).shrunk_covariance()[0][0] * torch.outer(scales, scales))
+
+
+def test_dense_momentum_factor_is_computed_once_per_metric():
+    from bmm_ppl.inference.hmc import integrator
+
+    generator = torch.Generator().manual_seed(8)
+    metric = random_covariance(3, generator).expand(2, 3, 3).clone()
+    z = torch.zeros(2, 3, dtype=torch.float64)
+    sample_momentum(z, metric)
+    factor = integrator._last_factor[1]
+    sample_momentum(z, metric)
+    assert integrator._last_factor[1] is factor  # reused
+    other = metric * 2
+    sample_momentum(z, other)
+    assert integrator._last_factor[1] is not factor
+    torch.testing.assert_close(integrator._last_factor[1], torch.linalg.cholesky(other).transpose(-1, -2))
 
 
 def test_shrinkage_fades_with_many_draws_and_rescues_windows_shorter_than_the_dimension():

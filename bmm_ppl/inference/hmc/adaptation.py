@@ -77,11 +77,12 @@ class WelfordVariance:
 class ShrunkCovariance:
     """Per-chain covariance of a window of draws ``Tensor[C, D]``, for a dense mass matrix: the sample
     covariance, measured in the coordinates that the current metric whitens, with its correlations there
-    shrunk toward zero by the Schafer-Strimmer (2005) intensity.
+    shrunk toward zero (variances kept) by the Schafer-Strimmer (2005) intensity.
 
     A covariance from ``n`` draws has rank below ``n``, and for ``n`` not much larger than ``D`` its small
     eigenvalues are far too small (Marchenko-Pastur), which would force a tiny step size. The intensity
-    ``lambda = sum_{i != j} Var(s_ij) / sum_{i != j} s_ij^2`` (clipped to [0, 1]) is estimated from the draws
+    ``lambda = sum_{i != j} Var(r_ij) / sum_{i != j} r_ij^2`` over the sample correlations ``r_ij`` (so
+    it does not depend on the coordinates' scales; clipped to [0, 1]) is estimated from the draws
     themselves: near 1 where the sample correlations are noise (short windows), near 0 where they are
     clear. Shrinking in the current metric's whitened coordinates ``u = L^-1 z`` (``M^-1 = L L^T``; the
     identity at first) keeps the structure already learnt: a strong correlation found by an earlier
@@ -122,14 +123,18 @@ class ShrunkCovariance:
         if self.factor is not None:  # u = L^-1 z, row by row
             centred = torch.linalg.solve_triangular(self.factor, centred.transpose(-1, -2), upper=False).transpose(-1, -2)
         covariance = centred.transpose(-1, -2) @ centred / max(n - 1, 1)
-        # Var(s_ij) = n / (n-1)^3 * sum_k (w_kij - mean_k w_kij)^2, with w_kij = centred_ki * centred_kj.
-        squares = centred * centred
+        # On the standardised draws: Var(r_ij) = n / (n-1)^3 * sum_k (w_kij - mean_k w_kij)^2, with
+        # w_kij = x_ki * x_kj and r_ij their sample correlation.
+        scale = covariance.diagonal(dim1=-2, dim2=-1).sqrt().clamp(min=torch.finfo(draws.dtype).tiny)
+        standardised = centred / scale.unsqueeze(-2)
+        correlation = covariance / (scale.unsqueeze(-1) * scale.unsqueeze(-2))
+        squares = standardised * standardised
         sum_w2 = squares.transpose(-1, -2) @ squares
-        mean_w = covariance * (n - 1) / n
+        mean_w = correlation * (n - 1) / n
         variance_of_entries = (sum_w2 - n * mean_w * mean_w).clamp(min=0) * n / max(n - 1, 1) ** 3
         off_diagonal = 1 - torch.eye(draws.shape[-1], dtype=draws.dtype, device=draws.device)
         numerator = (variance_of_entries * off_diagonal).sum((-1, -2))
-        denominator = (covariance * covariance * off_diagonal).sum((-1, -2))
+        denominator = (correlation * correlation * off_diagonal).sum((-1, -2))
         intensity = torch.where(denominator > 0, numerator / denominator.clamp(min=torch.finfo(draws.dtype).tiny),
                                 torch.ones_like(numerator)).clamp(0.0, 1.0)
         shrunk = covariance * (1 - intensity[:, None, None] * off_diagonal)

@@ -245,7 +245,7 @@ class _Hamiltonian:
             "divergences_per_chain": per_chain.tolist(),
             "warmup_divergences": int(warmup_divergences.sum()),
             "step_size": step.tolist(),
-            "inverse_mass_matrix_diagonal": inv_mass.diagonal(dim1=-2, dim2=-1) if self.dense_mass else inv_mass,
+            "inverse_mass_matrix_diagonal": inv_mass.diagonal(dim1=-2, dim2=-1).clone() if self.dense_mass else inv_mass,
             "mean_accept_prob": float(stats["accept_prob"].mean()),
             "num_gradient_evaluations": int(stats["num_steps"].sum()),
         }

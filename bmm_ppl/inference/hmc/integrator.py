@@ -9,6 +9,7 @@ positive definite) for a dense one. Every function here takes either.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Callable
 
 import torch
@@ -65,9 +66,23 @@ def sample_momentum(z: torch.Tensor, inv_mass: torch.Tensor) -> torch.Tensor:
     dense, with ``M^-1 = L L^T``: ``r = L^-T eps``, whose covariance is ``(L L^T)^-1 = M``."""
     noise = torch.randn(z.shape, dtype=z.dtype, device=z.device)
     if is_dense(inv_mass):
-        lower = torch.linalg.cholesky(inv_mass)
-        return torch.linalg.solve_triangular(lower.transpose(-1, -2), noise.unsqueeze(-1), upper=True).squeeze(-1)
+        upper = _cholesky_transposed(inv_mass)
+        return torch.linalg.solve_triangular(upper, noise.unsqueeze(-1), upper=True).squeeze(-1)
     return noise * inv_mass.rsqrt()
+
+
+_last_factor: list = [None, None]  # (weak reference to the last dense metric, its transposed Cholesky factor)
+
+
+def _cholesky_transposed(inv_mass: torch.Tensor) -> torch.Tensor:
+    """``L^T`` with ``inv_mass = L L^T``, factorised once per metric: the engines keep one metric tensor
+    between adaptation windows (and never change it in place), so each transition reuses the factor."""
+    reference, factor = _last_factor
+    if reference is not None and reference() is inv_mass:
+        return factor
+    factor = torch.linalg.cholesky(inv_mass).transpose(-1, -2)
+    _last_factor[:] = [weakref.ref(inv_mass), factor]
+    return factor
 
 
 def leapfrog(
