@@ -26,7 +26,7 @@ import torch
 from pyro.infer.autoguide import AutoNormal
 from sklearn.datasets import load_breast_cancer
 
-from bmm_ppl.inference.svi import SVI
+from bmm_ppl.inference.svi.engine import SVI
 
 
 def data(dtype=torch.float32):

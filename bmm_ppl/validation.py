@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from bmm_ppl.capture_state import is_capturing
+
 
 def check_tensor(name: str, value, *, dim: tuple[int, ...] | int | None = None, finite: bool = True) -> torch.Tensor:
     """Returns ``value`` as a tensor after checking its rank and that it holds no NaN or infinity.
@@ -30,8 +32,6 @@ def check_tensor(name: str, value, *, dim: tuple[int, ...] | int | None = None, 
 
 
 def _tracing() -> bool:
-    from bmm_ppl.inference.graph_capture import is_capturing
-
     return torch.jit.is_tracing() or is_capturing()
 
 

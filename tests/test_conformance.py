@@ -5,7 +5,7 @@ import pytest
 from bmm_ppl.inference import Exact
 from bmm_ppl.inference.hmc import NUTS
 from bmm_ppl.inference.kalman import Kalman
-from bmm_ppl.inference.svi import SVI
+from bmm_ppl.inference.svi.engine import SVI
 from bmm_ppl.testing import check_engine
 
 ENGINES = {

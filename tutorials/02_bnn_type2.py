@@ -27,8 +27,8 @@ import pyro  # noqa: E402
 import torch  # noqa: E402
 from sklearn.datasets import load_diabetes  # noqa: E402
 
-from bmm_ppl.inference.model_runs import pointwise_log_likelihood  # noqa: E402
-from bmm_ppl.inference.svi import SVI  # noqa: E402
+from bmm_ppl.inference.program.runs import pointwise_log_likelihood  # noqa: E402
+from bmm_ppl.inference.svi.engine import SVI  # noqa: E402
 from bmm_ppl.models.bnn import BayesianNeuralNetwork  # noqa: E402
 
 

@@ -21,13 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from bmm_ppl.inference.kalman import (  # noqa: E402
-    Kalman,
-    extended_kalman_filter,
-    hmm_posterior_marginals,
-    unscented_kalman_filter,
-    viterbi,
-)
+from bmm_ppl.inference.hmm import hmm_posterior_marginals, viterbi  # noqa: E402
+from bmm_ppl.inference.kalman import Kalman, extended_kalman_filter, unscented_kalman_filter  # noqa: E402
 from bmm_ppl.models.state_space import local_level, local_linear_trend  # noqa: E402
 
 DT = torch.float64

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from bmm_ppl.inference.gp_evidence import GPEvidence  # noqa: E402
+from bmm_ppl.inference.exact.gp_evidence import GPEvidence  # noqa: E402
 from bmm_ppl.models.invariance import AffineImageTransform, GPRegression, InvariantKernel  # noqa: E402
 from bmm_ppl.models.invariance._gpytorch import gpytorch  # noqa: E402
 

@@ -10,7 +10,7 @@ import arviz as az
 import numpy as np
 import torch
 
-from bmm_ppl.inference.model_runs import predictive_draws, redraw_observed
+from bmm_ppl.inference.program.runs import predictive_draws, redraw_observed
 
 ARVIZ_MAJOR = int(az.__version__.split(".")[0])
 

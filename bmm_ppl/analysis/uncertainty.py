@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.distributions as tdist
 
-from bmm_ppl.inference.model_runs import inspect_model, run_under_draws
+from bmm_ppl.inference.program.runs import inspect_model, run_under_draws
 
 
 def decompose_classification(probs: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -2,24 +2,28 @@
 
 from bmm_ppl.inference.bridge import bridge_sampling
 from bmm_ppl.inference.errors import (
+    ChainDiagnosticsWarning,
+    ConvergenceWarning,
     DivergenceError,
     HyperparameterBoundaryError,
     HyperparameterBoundaryWarning,
     UnsupportedModelError,
 )
 from bmm_ppl.inference.evidence import Evidence, EvidenceMethod
-from bmm_ppl.inference.exact import Exact, OnBoundary
-from bmm_ppl.inference.gp_evidence import GPEvidence
+from bmm_ppl.inference.exact.engine import Exact, OnBoundary
+from bmm_ppl.inference.exact.gp_evidence import GPEvidence
 from bmm_ppl.inference.hmc import HMC, NUTS, DivergentTransitionWarning
-from bmm_ppl.inference.guides import GuideLatents, StoredDrawLatents  # registers the "draws" kind for loading
-from bmm_ppl.inference.iwae import iwae_bound
+from bmm_ppl.inference.svi.guides import GuideLatents, StoredDrawLatents  # registers the "draws" kind for loading
+from bmm_ppl.inference.svi.iwae import iwae_bound
 from bmm_ppl.inference.kalman import Kalman, SmoothedStates  # registers the smoothed-states kind for loading
 from bmm_ppl.inference.latents import GaussianLatents, LatentDistribution
 from bmm_ppl.inference.posterior import Posterior
 from bmm_ppl.inference.sgmcmc import SGLD, polynomial_decay
-from bmm_ppl.inference.svi import SVI
+from bmm_ppl.inference.svi.engine import SVI
 
 __all__ = [
+    "ChainDiagnosticsWarning",
+    "ConvergenceWarning",
     "DivergenceError",
     "DivergentTransitionWarning",
     "Evidence",

@@ -15,7 +15,7 @@ import pyro
 import torch
 
 from bmm_ppl.inference.evidence import Evidence
-from bmm_ppl.inference.potential import ModelPotential
+from bmm_ppl.inference.program.potential import ModelPotential
 
 
 def _effective_size(values: torch.Tensor) -> float:

@@ -23,3 +23,13 @@ class HyperparameterBoundaryWarning(UserWarning):
 
 class DivergenceError(RuntimeError):
     """Inference diverged (NaN or exploding objective, divergent trajectories)."""
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative fit (SVI, type-II optimisation, Kalman or GP learning, distillation) stopped before
+    its convergence test passed; the message names what to change (more steps, another lr, ...)."""
+
+
+class ChainDiagnosticsWarning(UserWarning):
+    """A sampler's chains failed their checks at the end of a run: split R-hat above 1.01 or too few
+    effective samples per chain (bulk or tail ESS below 100), as Stan and NumPyro's summary flag them."""

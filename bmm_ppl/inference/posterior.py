@@ -9,7 +9,7 @@ import torch
 
 from bmm_ppl.inference.evidence import Evidence
 from bmm_ppl.inference.latents import LatentDistribution, latent_distribution_from_state_dict
-from bmm_ppl.inference.model_runs import observed_values, pointwise_log_likelihood, predictive_draws
+from bmm_ppl.inference.program.runs import observed_values, pointwise_log_likelihood, predictive_draws
 
 _FORMAT = "bmm_ppl.Posterior/1"
 

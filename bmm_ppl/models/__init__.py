@@ -2,8 +2,8 @@
 
 from bmm_ppl.models.bnn import BayesianNeuralNetwork, Likelihood, WeightPrior
 from bmm_ppl.models.features import IdentityFeatures, PolynomialFeatures, RBFFeatures, polynomial_features, rbf_features
-from bmm_ppl.models.hyperparameters import Fixed, Hyperprior, Learned, as_hyperparameter, hyperparameter_site
-from bmm_ppl.models.linear_regression import BayesianLinearRegression, LinearGaussianForm
+from bmm_ppl.contracts.hyperparameters import Fixed, Hyperprior, Learned, as_hyperparameter, hyperparameter_site
+from bmm_ppl.models.linear_regression import BayesianLinearRegression
 from bmm_ppl.models.state_space import (
     ContinuousTimeSSM,
     DeepMarkovModel,
@@ -15,7 +15,6 @@ from bmm_ppl.models.state_space import (
     structural_model,
 )
 from bmm_ppl.models.multitask import (
-    GaussianLinearForm,
     HierarchicalTasks,
     IndependentTasks,
     MultiTaskRegression,
@@ -38,7 +37,6 @@ __all__ = [
     "BayesianNeuralNetwork",
     "Likelihood",
     "WeightPrior",
-    "GaussianLinearForm",
     "HierarchicalTasks",
     "IndependentTasks",
     "MultiTaskRegression",
@@ -50,7 +48,6 @@ __all__ = [
     "Hyperprior",
     "IdentityFeatures",
     "Learned",
-    "LinearGaussianForm",
     "PolynomialFeatures",
     "RBFFeatures",
     "as_hyperparameter",

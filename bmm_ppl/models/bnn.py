@@ -12,7 +12,7 @@ import torch
 from torch.func import functional_call, vmap
 
 from bmm_ppl._enums import StrEnum
-from bmm_ppl.models.hyperparameters import as_hyperparameter, hyperparameter_site
+from bmm_ppl.contracts.hyperparameters import as_hyperparameter, hyperparameter_site
 from bmm_ppl.validation import check_same_device, check_same_length, check_tensor
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import pyro
@@ -10,28 +9,9 @@ import pyro.distributions as dist
 import torch
 
 from bmm_ppl.models.features import IdentityFeatures
-from bmm_ppl.models.hyperparameters import HyperparameterSpec, as_hyperparameter, hyperparameter_site
+from bmm_ppl.contracts.hyperparameters import as_hyperparameter, hyperparameter_site
+from bmm_ppl.contracts.regression_forms import IsotropicRegressionForm
 from bmm_ppl.validation import check_same_device, check_same_length, check_tensor
-
-
-@dataclasses.dataclass(frozen=True)
-class LinearGaussianForm:
-    """The conjugate structure of a linear-Gaussian model: ``w ~ N(0, alpha^-1 I)``,
-    ``y | w ~ N(design @ w, beta^-1 I)``. Engines that integrate exactly read it.
-
-    Attributes:
-        design: Tensor[n, d], the features of the inputs.
-        targets: Tensor[n], the observations.
-        alpha, beta: the prior and noise precisions as resolved hyperparameter specs.
-        weight_site, obs_site: the names of the weight and observation sites in the Pyro program.
-    """
-
-    design: torch.Tensor
-    targets: torch.Tensor
-    alpha: HyperparameterSpec
-    beta: HyperparameterSpec
-    weight_site: str = "w"
-    obs_site: str = "obs"
 
 
 class BayesianLinearRegression:
@@ -86,11 +66,11 @@ class BayesianLinearRegression:
         with pyro.plate("data", design.shape[0], dim=-1, device=x.device):
             return pyro.sample("obs", dist.Normal(mean, beta.rsqrt()), obs=y)
 
-    def conjugate_form(self, x: torch.Tensor, y: torch.Tensor) -> LinearGaussianForm:
-        """The structure that exact engines integrate; see :class:`LinearGaussianForm`."""
+    def conjugate_form(self, x: torch.Tensor, y: torch.Tensor) -> IsotropicRegressionForm:
+        """The structure that exact engines integrate; see :class:`IsotropicRegressionForm`."""
         if y is None:
             raise ValueError("y is required: the evidence is of observed data")
-        return LinearGaussianForm(self._checked_data(x, y), y, self.alpha, self.beta)
+        return IsotropicRegressionForm(self._checked_data(x, y), y, self.alpha, self.beta)
 
     def __repr__(self) -> str:
         return f"BayesianLinearRegression({self.features!r}, alpha={self.alpha}, beta={self.beta})"

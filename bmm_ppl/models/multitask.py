@@ -29,7 +29,8 @@ import torch
 from torch.distributions import constraints
 
 from bmm_ppl.models.features import IdentityFeatures
-from bmm_ppl.models.hyperparameters import Fixed, Hyperprior, Learned, as_hyperparameter
+from bmm_ppl.contracts.hyperparameters import Fixed, Hyperprior, Learned, as_hyperparameter
+from bmm_ppl.contracts.regression_forms import GaussianPriorRegressionForm
 from bmm_ppl.validation import check_same_device, check_same_length, check_tensor
 
 
@@ -179,23 +180,6 @@ def task_correlation(task_covariance: torch.Tensor) -> torch.Tensor:
     return task_covariance * scale.unsqueeze(-1) * scale.unsqueeze(-2)
 
 
-@dataclasses.dataclass(frozen=True)
-class GaussianLinearForm:
-    """``theta ~ N(prior_mean, prior_covariance)``, ``y ~ N(design @ theta, diag(noise_variance))``.
-
-    Attributes:
-        design: Tensor[n, P]; targets: Tensor[n]; prior_mean: Tensor[P]; prior_covariance: Tensor[P, P];
-        noise_variance: Tensor[n]; weight_site: the latent site holding ``theta`` (flattened).
-    """
-
-    design: torch.Tensor
-    targets: torch.Tensor
-    prior_mean: torch.Tensor
-    prior_covariance: torch.Tensor
-    noise_variance: torch.Tensor
-    weight_site: str = "W"
-
-
 class MultiTaskRegression:
     """Multi-task Bayesian linear regression as a Pyro program ``model(x, task, y=None)``.
 
@@ -291,7 +275,7 @@ class MultiTaskRegression:
                 out[slot.name] = (initial_value(slot, phi), slot.constraint)
         return out
 
-    def gaussian_form(self, x, task, y, hyperparameters: dict) -> GaussianLinearForm:
+    def gaussian_form(self, x, task, y, hyperparameters: dict) -> GaussianPriorRegressionForm:
         """The linear-Gaussian structure at the given values of the learned hyperparameters."""
         if y is None:
             raise ValueError("y is required: the evidence is of observed data")
@@ -312,9 +296,9 @@ class MultiTaskRegression:
         if self.noncentred:
             # theta = W_std with W = mean + L W_std: the design absorbs L and the targets the mean.
             scale_tril = torch.linalg.cholesky(covariance)
-            return GaussianLinearForm(design @ scale_tril, y - design @ mean, torch.zeros_like(mean),
+            return GaussianPriorRegressionForm(design @ scale_tril, y - design @ mean, torch.zeros_like(mean),
                                       _eye(mean.shape[0], mean), noise, site)
-        return GaussianLinearForm(design, y, mean, covariance, noise, site)
+        return GaussianPriorRegressionForm(design, y, mean, covariance, noise, site)
 
     def __repr__(self) -> str:
         return f"MultiTaskRegression({type(self.structure).__name__}, num_tasks={self.num_tasks})"

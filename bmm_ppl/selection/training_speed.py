@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from bmm_ppl._enums import StrEnum
 from bmm_ppl.inference.errors import DivergenceError
 from bmm_ppl.inference.evidence import Evidence
-from bmm_ppl.inference.model_runs import pointwise_log_likelihood
+from bmm_ppl.inference.program.runs import pointwise_log_likelihood
 from bmm_ppl.inference.posterior import Posterior
 from bmm_ppl.selection.bilevel import FunctionalAdam, PyroDensity
 from bmm_ppl.validation import check_same_device, check_same_length, check_tensor

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from bmm_ppl.inference.evidence import EvidenceMethod
-from bmm_ppl.inference.exact import Exact
+from bmm_ppl.inference.exact.engine import Exact
 from bmm_ppl.inference.posterior import Posterior
 from bmm_ppl.models.features import polynomial_features
 from bmm_ppl.models.linear_regression import BayesianLinearRegression

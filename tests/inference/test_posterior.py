@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bmm_ppl.inference import Evidence, EvidenceMethod, GaussianLatents, Posterior
-from bmm_ppl.inference.model_runs import inspect_model, pointwise_log_likelihood, predictive_draws
+from bmm_ppl.inference.program.runs import inspect_model, pointwise_log_likelihood, predictive_draws
 
 
 def hierarchical_model(x, y=None):

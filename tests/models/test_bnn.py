@@ -7,8 +7,8 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from bmm_ppl.inference.model_runs import pointwise_log_likelihood, run_under_draws
-from bmm_ppl.inference.svi import SVI
+from bmm_ppl.inference.program.runs import pointwise_log_likelihood, run_under_draws
+from bmm_ppl.inference.svi.engine import SVI
 from bmm_ppl.models.bnn import BayesianNeuralNetwork
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from bmm_ppl.inference.gp_evidence import GPEvidence
+from bmm_ppl.inference.exact.gp_evidence import GPEvidence
 from bmm_ppl.models.invariance import AffineImageTransform, FeatureKernel, GPRegression, InvariantKernel
 from bmm_ppl.models.invariance._gpytorch import gpytorch
 

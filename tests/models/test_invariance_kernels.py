@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from bmm_ppl.inference.gp_evidence import gaussian_log_evidence, total_exact_log_evidence
+from bmm_ppl.inference.exact.gp_evidence import gaussian_log_evidence, total_exact_log_evidence
 from bmm_ppl.models.invariance import (
     AffineImageTransform,
     FunctionTransform,

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from bmm_ppl.inference import Posterior
 from bmm_ppl.inference.errors import UnsupportedModelError
-from bmm_ppl.inference.gp_evidence import GPEvidence, gaussian_log_evidence, total_elbo, total_exact_log_evidence
+from bmm_ppl.inference.exact.gp_evidence import GPEvidence, gaussian_log_evidence, total_elbo, total_exact_log_evidence
 from bmm_ppl.models.invariance import (
     AffineImageTransform,
     GPRegression,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bmm_ppl.inference import Exact, UnsupportedModelError
-from bmm_ppl.inference.gaussian_linear import exact_solution
+from bmm_ppl.inference.exact.general_prior import exact_solution
 from bmm_ppl.models import BayesianLinearRegression, IdentityFeatures
 from bmm_ppl.models.multitask import (
     HierarchicalTasks,

@@ -20,7 +20,7 @@ from bmm_ppl.inference.hmc.integrator import PhasePoint
 from bmm_ppl.inference.hmc.kernels import hmc_step
 from bmm_ppl.inference.hmc.nuts_kernel import NUTSKernel
 from bmm_ppl.inference.posterior import Posterior
-from bmm_ppl.inference.potential import (
+from bmm_ppl.inference.program.potential import (
     ModelPotential,
     check_model,
     constrained_draws,
@@ -284,7 +284,7 @@ class NUTS(_Hamiltonian):
         target_accept_prob: the mean acceptance the step size is tuned to.
         max_tree_depth: at most ``2**max_tree_depth - 1`` leapfrog steps per draw.
         jit: capture the potential and its gradient as one simplified graph
-            (:func:`~bmm_ppl.inference.potential.compiled_potential_and_grad`), and each step of the tree
+            (:func:`~bmm_ppl.inference.program.potential.compiled_potential_and_grad`), and each step of the tree
             (a leaf with its leapfrog step, a merge, the opening of a subtree) with it
             (:class:`~bmm_ppl.inference.hmc.nuts_kernel.NUTSKernel`). Recording refuses Python control
             flow on latent values, and every graph must reproduce its eager counterpart on a probe; where

@@ -291,7 +291,7 @@ class NUTSKernel:
         """Captures the pieces of a transition (open the first subtree, add one leaf, add a pair of
         leaves, merge a subtree and open the next) as graphs for inputs shaped like these, and keeps them if they reproduce the
         eager pieces on a random probe (same random numbers); returns whether they were kept."""
-        from bmm_ppl.inference.graph_capture import capture
+        from bmm_ppl.inference.program.graph_capture import capture
 
         device = point.z.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -3,7 +3,6 @@
 from bmm_ppl.inference.kalman.engine import FilterMethod, Kalman, Learning, filter_and_smooth, log_likelihood
 from bmm_ppl.inference.kalman.filtering import FilterResult, SmootherResult, kalman_filter, rts_smoother
 from bmm_ppl.inference.kalman.latents import SmoothedStates
-from bmm_ppl.inference.kalman.hmm import hmm_forward, hmm_posterior_marginals, viterbi
 from bmm_ppl.inference.kalman.nonlinear import extended_kalman_filter, unscented_kalman_filter
 from bmm_ppl.inference.kalman.parallel import associative_scan, parallel_kalman_filter, parallel_rts_smoother
 from bmm_ppl.inference.kalman.steady_state import steady_state_log_likelihood
@@ -18,8 +17,6 @@ __all__ = [
     "associative_scan",
     "extended_kalman_filter",
     "filter_and_smooth",
-    "hmm_forward",
-    "hmm_posterior_marginals",
     "kalman_filter",
     "log_likelihood",
     "parallel_kalman_filter",
@@ -27,5 +24,4 @@ __all__ = [
     "rts_smoother",
     "steady_state_log_likelihood",
     "unscented_kalman_filter",
-    "viterbi",
 ]

@@ -16,8 +16,8 @@ import torch
 
 from bmm_ppl.inference.errors import UnsupportedModelError
 from bmm_ppl.inference.kalman.filtering import FilterResult, SmootherResult
-from bmm_ppl.models.state_space.linear_gaussian import LearnedMatrix, StateSpaceForm
-from bmm_ppl.models.state_space.params import symmetrise
+from bmm_ppl.contracts.state_space import LearnedMatrix, StateSpaceForm
+from bmm_ppl.contracts.state_space import symmetrise
 
 EM_SUPPORTED = ("transition_matrix", "observation_matrix", "transition_cov", "observation_cov", "initial_mean", "initial_cov")
 

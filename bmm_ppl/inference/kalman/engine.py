@@ -19,9 +19,9 @@ from bmm_ppl.inference.kalman.latents import SmoothedStates
 from bmm_ppl.inference.kalman.parallel import parallel_kalman_filter, parallel_rts_smoother
 from bmm_ppl.inference.posterior import Posterior
 from bmm_ppl.inference.latents import GaussianLatents
-from bmm_ppl.models.hyperparameters import Fixed, Hyperprior
-from bmm_ppl.models.state_space.linear_gaussian import StateSpaceForm
-from bmm_ppl.models.state_space.params import LinearGaussianParams, psd_sqrt
+from bmm_ppl.contracts.hyperparameters import Fixed, Hyperprior
+from bmm_ppl.contracts.state_space import StateSpaceForm
+from bmm_ppl.contracts.state_space import LinearGaussianParams, psd_sqrt
 
 _PARALLEL_FROM = 32  # below this many steps the sequential loop is as fast as the scan
 _STEADY_STATE_FROM = 512  # from here the steady-state FFT path wins for the evidence alone

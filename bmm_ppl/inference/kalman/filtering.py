@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from bmm_ppl.models.state_space.params import LinearGaussianParams, masked_observation, psd_sqrt, symmetrise
+from bmm_ppl.contracts.state_space import LinearGaussianParams, masked_observation, psd_sqrt, symmetrise
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 from torch.func import jacrev, vmap
 
 from bmm_ppl.inference.kalman.filtering import FilterResult
-from bmm_ppl.models.state_space.params import symmetrise
+from bmm_ppl.contracts.state_space import symmetrise
 
 
 def _jacobian(fn: Callable, x: torch.Tensor) -> torch.Tensor:

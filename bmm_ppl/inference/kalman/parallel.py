@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from bmm_ppl.inference.kalman.filtering import FilterResult, SmootherResult, smoother_gains
-from bmm_ppl.models.state_space.params import LinearGaussianParams, masked_observation, symmetrise
+from bmm_ppl.contracts.state_space import LinearGaussianParams, masked_observation, symmetrise
 
 
 def associative_scan(combine: Callable, elements: tuple, reverse: bool = False) -> tuple:

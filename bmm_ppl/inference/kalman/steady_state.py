@@ -16,7 +16,7 @@ import math
 import torch
 
 from bmm_ppl.inference.kalman.filtering import kalman_filter
-from bmm_ppl.models.state_space.params import LinearGaussianParams, symmetrise
+from bmm_ppl.contracts.state_space import LinearGaussianParams, symmetrise
 
 _CHECK_EVERY = 8
 

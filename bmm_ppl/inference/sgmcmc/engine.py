@@ -11,13 +11,13 @@ from tqdm.auto import tqdm
 
 from bmm_ppl._enums import StrEnum
 from bmm_ppl.inference.errors import DivergenceError
-from bmm_ppl.inference.minibatch_potential import (
+from bmm_ppl.inference.program.minibatch import (
     DataSplit,
     compiled_minibatch_potential_and_grad,
     eager_minibatch_potential_and_grad,
 )
 from bmm_ppl.inference.posterior import Posterior
-from bmm_ppl.inference.potential import ModelPotential, check_model, constrained_draws, uniform_init
+from bmm_ppl.inference.program.potential import ModelPotential, check_model, constrained_draws, uniform_init
 from bmm_ppl.validation import prepare_data
 from bmm_ppl.inference.sgmcmc.kernels import psgld_update, sghmc_update, sgld_update
 
@@ -65,7 +65,7 @@ class SGLD:
         friction: SGHMC's friction; preconditioner_decay: pSGLD's RMSprop decay.
         jit: capture the minibatch potential and its gradient as one traced graph whose inputs are the
             position and the minibatch (see
-            :func:`~bmm_ppl.inference.minibatch_potential.compiled_minibatch_potential_and_grad`), checked
+            :func:`~bmm_ppl.inference.program.minibatch.compiled_minibatch_potential_and_grad`), checked
             against the model run at a second point and minibatch and falling back to running the model
             each step where capture fails (control flow that reads tensor values, random operations):
             ``diagnostics["jit"]`` is ``"graph"`` or ``"none"``. Several times faster per step. The model's

@@ -3,7 +3,7 @@ invariance ranges are learned through the marginal likelihood (van der Wilk et a
 
 from bmm_ppl.models.invariance import _gpytorch  # noqa: F401  (first: quiet GPyTorch import)
 from bmm_ppl.models.invariance.deep import FeatureKernel
-from bmm_ppl.models.invariance.gp import GaussianProcessForm, GPRegression, InvariantExactGP, InvariantSVGP, kernel_matrix
+from bmm_ppl.models.invariance.gp import GPRegression, InvariantExactGP, InvariantSVGP, kernel_matrix
 from bmm_ppl.models.invariance.interdomain import InterDomainInvariantSVGP
 from bmm_ppl.models.invariance.kernels import Estimator, InvariantKernel, uniform_log_density
 from bmm_ppl.models.invariance.transforms import (
@@ -21,7 +21,6 @@ __all__ = [
     "FeatureKernel",
     "FiniteGroup",
     "FunctionTransform",
-    "GaussianProcessForm",
     "GPRegression",
     "InterDomainInvariantSVGP",
     "InvariantExactGP",

@@ -3,7 +3,7 @@
 * :class:`GPRegression` — a Pyro program ``model(x, y=None)`` with a GP prior, ``f ~ N(0, K(x, x))``
   (site ``"f"``) and ``y ~ N(f, σ²)`` (site ``"obs"``, plate ``"data"``). The kernel's GPyTorch parameters
   are ordinary ``pyro.param`` sites named after the module path with GPyTorch's ``raw_`` dropped
-  (``"kernel.outputscale"``, ``"kernel.base_kernel.ranges"``), holding constrained values, so every engine — and ``compare`` — applies; :class:`~bmm_ppl.inference.gp_evidence.GPEvidence`
+  (``"kernel.outputscale"``, ``"kernel.base_kernel.ranges"``), holding constrained values, so every engine — and ``compare`` — applies; :class:`~bmm_ppl.inference.exact.gp_evidence.GPEvidence`
   integrates ``f`` exactly and learns the kernel's parameters (the invariance ranges ``θ`` among them)
   by the exact evidence.
 * :class:`InvariantExactGP` — a plain ``gpytorch.models.ExactGP`` for ``ExactMarginalLogLikelihood``.
@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import pyro
 import pyro.distributions as dist
@@ -23,26 +22,10 @@ from pyro.distributions import constraints
 import torch
 from torch.func import functional_call
 
-from bmm_ppl.models.hyperparameters import Hyperprior, Learned, as_hyperparameter, hyperparameter_site
+from bmm_ppl.contracts.hyperparameters import Hyperprior, Learned, as_hyperparameter, hyperparameter_site
+from bmm_ppl.contracts.gaussian_process import GaussianProcessForm
 from bmm_ppl.models.invariance._gpytorch import gpytorch, linear_operator
 from bmm_ppl.validation import check_tensor
-
-
-@dataclasses.dataclass
-class GaussianProcessForm:
-    """What an exact GP engine needs: the prior covariance at the data, the noise and the targets.
-
-    Attributes:
-        covariance: Tensor[n, n] prior covariance of ``f`` at the inputs (jitter included).
-        noise: Tensor[] observation noise variance ``σ²``.
-        targets: Tensor[n] or Tensor[n, C] (C independent outputs sharing the kernel).
-        latent_site: the name of the site holding ``f`` (shaped like ``targets.T``).
-    """
-
-    covariance: torch.Tensor
-    noise: torch.Tensor
-    targets: torch.Tensor | None
-    latent_site: str = "f"
 
 
 def kernel_matrix(kernel, parameters: dict, x1: torch.Tensor, x2: torch.Tensor | None = None) -> torch.Tensor:
@@ -212,7 +195,7 @@ class InvariantSVGP(gpytorch.models.ApproximateGP):
     The kernel is evaluated eagerly in one call per forward pass, so a Monte-Carlo invariant kernel uses
     one draw of ``α`` for ``K_uu``, ``K_uf`` and ``K_ff`` together (a positive semi-definite joint
     covariance); train it with ``gpytorch.mlls.VariationalELBO``, whose value times ``num_data`` is the
-    total ELBO (see :func:`bmm_ppl.inference.gp_evidence.total_elbo`).
+    total ELBO (see :func:`bmm_ppl.inference.exact.gp_evidence.total_elbo`).
 
     Args:
         inducing_points: Tensor[m, d] initial inducing inputs (learned).

@@ -7,11 +7,10 @@ from bmm_ppl.models.state_space.distributions import GaussMarkovChain, LinearGau
 from bmm_ppl.models.state_space.linear_gaussian import (
     LearnedMatrix,
     LinearGaussianSSM,
-    StateSpaceForm,
     check_covariance,
     diagonal,
 )
-from bmm_ppl.models.state_space.params import LinearGaussianParams
+from bmm_ppl.contracts.state_space import LinearGaussianParams
 
 __all__ = [
     "ContinuousTimeSSM",
@@ -22,7 +21,6 @@ __all__ = [
     "LinearGaussianObservations",
     "LinearGaussianParams",
     "LinearGaussianSSM",
-    "StateSpaceForm",
     "check_covariance",
     "diagonal",
     "discretise",

@@ -14,7 +14,7 @@ import pyro.distributions as dist
 import torch
 from torch.distributions import constraints
 
-from bmm_ppl.models.state_space.params import LinearGaussianParams, masked_observation, psd_sqrt, symmetrise
+from bmm_ppl.contracts.state_space import LinearGaussianParams, masked_observation, psd_sqrt, symmetrise
 
 
 def _mv(matrix, vector):

@@ -17,9 +17,9 @@ import pyro
 import torch
 from torch.distributions import constraints
 
-from bmm_ppl.models.hyperparameters import Fixed, Hyperprior, Learned
+from bmm_ppl.contracts.hyperparameters import Fixed, Hyperprior, Learned
 from bmm_ppl.models.state_space.distributions import GaussMarkovChain, LinearGaussianObservations
-from bmm_ppl.models.state_space.params import LinearGaussianParams
+from bmm_ppl.contracts.state_space import LearnedMatrix, LinearGaussianParams, MatrixSpec, StateSpaceForm
 
 _COVARIANCES = ("transition_cov", "observation_cov", "initial_cov")
 _MATRICES = ("transition_matrix", "observation_matrix", "control_matrix", "observation_control_matrix")
@@ -35,18 +35,6 @@ ARGUMENTS = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class LearnedMatrix:
-    """A matrix learned by type-II, starting from ``init`` (``None``: a default scaled to the data).
-
-    ``diagonal=True`` (covariances only) learns the variances alone: the ``pyro.param`` is then the
-    vector of diagonal entries.
-    """
-
-    init: Union[torch.Tensor, float, None] = None
-    diagonal: bool = False
-
-
 def diagonal(init: Union[torch.Tensor, float, None] = None) -> LearnedMatrix:
     """A diagonal covariance learned by type-II; its ``pyro.param`` holds the variances, Tensor[k].
 
@@ -55,9 +43,6 @@ def diagonal(init: Union[torch.Tensor, float, None] = None) -> LearnedMatrix:
         LearnedMatrix(init=None, diagonal=True)
     """
     return LearnedMatrix(init, diagonal=True)
-
-
-MatrixSpec = Union[Fixed, LearnedMatrix, Hyperprior]
 
 
 def _resolve(name: str, value) -> MatrixSpec:
@@ -79,26 +64,6 @@ def _resolve(name: str, value) -> MatrixSpec:
     if isinstance(spec, LearnedMatrix) and spec.diagonal and name not in _COVARIANCES:
         raise ValueError(f"{name}: diagonal() is for covariances ({', '.join(_COVARIANCES)})")
     return spec
-
-
-@dataclasses.dataclass(frozen=True)
-class StateSpaceForm:
-    """The linear-Gaussian structure of a model run on data, which the ``Kalman`` engine integrates.
-
-    Attributes:
-        params: the matrices (learned ones as the current ``pyro.param`` values).
-        observations: Tensor[*batch, T, p], NaN where missing.
-        specs: ``{argument: spec}`` for each argument of :class:`LinearGaussianSSM`.
-        transition_noise_loading: Tensor[n, k], so that the state noise covariance is ``L Q L^T``.
-        states_site, obs_site: the names of the trajectory and observation sites.
-    """
-
-    params: LinearGaussianParams
-    observations: torch.Tensor
-    specs: dict
-    transition_noise_loading: torch.Tensor
-    states_site: str = "states"
-    obs_site: str = "obs"
 
 
 class LinearGaussianSSM:

@@ -50,7 +50,7 @@ def exact_solution(form, route: str | None = None):
     """``(log_evidence, posterior_mean: Tensor[P], posterior_covariance: Tensor[P, P])``.
 
     Args:
-        form: a ``GaussianLinearForm``.
+        form: a ``GaussianPriorRegressionForm``.
         route: ``"marginal"`` or ``"precision"`` to force one route (for tests); by default the cheaper one.
     """
     n, p = form.design.shape

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from bmm_ppl.inference.linear_gaussian import SpectralData
+from bmm_ppl.inference.exact.isotropic_prior import SpectralData
 
 _GRID_HALF_WIDTH = 25.0  # natural-log units either side of the data-scaled centre
 _GRID_POINTS = 101
@@ -102,7 +102,7 @@ def maximise_evidence(
         alpha, beta: fixed values, or ``None`` to learn.
 
     Example:
-        >>> from bmm_ppl.inference.linear_gaussian import spectral_data
+        >>> from bmm_ppl.inference.exact.isotropic_prior import spectral_data
         >>> x = torch.linspace(-1, 1, 40, dtype=torch.float64)
         >>> phi = torch.stack([x**0, x, x**2], -1); y = torch.sin(3 * x) + 0.1 * torch.cos(17 * x)
         >>> result = maximise_evidence(spectral_data(phi, y), alpha=None, beta=None)

@@ -9,13 +9,13 @@ from typing import Callable
 import torch
 
 from bmm_ppl._enums import StrEnum
-from bmm_ppl.inference import gaussian_linear, linear_gaussian
+from bmm_ppl.inference.exact import general_prior as gaussian_linear, isotropic_prior as linear_gaussian
 from bmm_ppl.inference.errors import DivergenceError, HyperparameterBoundaryError, HyperparameterBoundaryWarning, UnsupportedModelError
 from bmm_ppl.inference.evidence import Evidence
 from bmm_ppl.inference.latents import GaussianLatents
 from bmm_ppl.inference.posterior import Posterior
-from bmm_ppl.inference.type2 import maximise_evidence
-from bmm_ppl.models.hyperparameters import Fixed, Hyperprior, Learned
+from bmm_ppl.inference.exact.type2 import maximise_evidence
+from bmm_ppl.contracts.hyperparameters import Fixed, Hyperprior, Learned
 from bmm_ppl.validation import prepare_data
 
 _OTHER_ENGINES = "use bmm_ppl.inference.SVI (variational) or NUTS (sampling) for it instead"

@@ -20,8 +20,8 @@ import pyro
 from pyro.poutine.messenger import Messenger
 import torch
 
-from bmm_ppl.inference.graph_capture import capture
-from bmm_ppl.inference.potential import ModelPotential
+from bmm_ppl.inference.program.graph_capture import capture
+from bmm_ppl.inference.program.potential import ModelPotential
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +134,7 @@ def compiled_minibatch_potential_and_grad(potential: ModelPotential, split: Data
     ``split=None`` for the full data, then baked into the graph).
 
     ``torch.func.grad_and_value`` of the scaled potential (distribution argument validation off) is
-    captured by :func:`~bmm_ppl.inference.graph_capture.capture`: recorded once, simplified (what depends on
+    captured by :func:`~bmm_ppl.inference.program.graph_capture.capture`: recorded once, simplified (what depends on
     neither ``z`` nor the batch is computed once) and run by TorchScript. Recording refuses Python control
     flow on tensor values, of the position or of the minibatch (the package's own input checks are skipped
     while capturing), and the capture must reproduce the eager potential and gradient at a second point

@@ -223,7 +223,7 @@ def _module_parameter_slots(modules, params: tuple) -> list[tuple[torch.nn.Modul
 
 def compile_loss_and_gradients(objective: Callable, state: SVIState, inputs: tuple, modules: tuple = ()) -> Callable | None:
     """``objective(*inputs)`` and its gradients with respect to ``state.params``, captured as one
-    simplified graph (:func:`~bmm_ppl.inference.graph_capture.capture`): the forward and backward passes
+    simplified graph (:func:`~bmm_ppl.inference.program.graph_capture.capture`): the forward and backward passes
     run without Pyro's tracing machinery or the autograd engine.
 
     Parameters enter the graph as inputs through ``poutine.substitute`` (each constrained by its
@@ -238,7 +238,7 @@ def compile_loss_and_gradients(objective: Callable, state: SVIState, inputs: tup
     """
     from torch.distributions import transform_to
 
-    from bmm_ppl.inference.graph_capture import capture
+    from bmm_ppl.inference.program.graph_capture import capture
 
     if not state.names or any("$$$" in name for name in state.names):
         return None

@@ -139,7 +139,7 @@ class ModelPotential:
         """``log p(data, values)``: Tensor[B] for ``values = {site: Tensor[B, *value_shape]}``.
 
         ``data = (args, kwargs)`` replaces the fitted data (a minibatch; for its ``n / batch_size`` scaling
-        see :func:`~bmm_ppl.inference.minibatch_potential.with_observed_scale`).
+        see :func:`~bmm_ppl.inference.program.minibatch.with_observed_scale`).
         """
         args, kwargs = data if data is not None else (self.args, self.kwargs)
         batch = next(iter(values.values())).shape[0]
@@ -269,7 +269,7 @@ def uniform_init(potential_and_grad, num_chains: int, dim: int, dtype, device, r
 def compiled_potential_and_grad(potential: "ModelPotential", example: torch.Tensor):
     """A faster ``potential.potential_and_grad`` for inputs shaped like ``example: Tensor[C, D]``: the
     forward and backward pass captured together as one simplified graph of tensor operations
-    (:func:`~bmm_ppl.inference.graph_capture.capture` of :func:`functional_potential_and_grad`, with
+    (:func:`~bmm_ppl.inference.program.graph_capture.capture` of :func:`functional_potential_and_grad`, with
     distribution argument validation off while capturing), so each call runs without Python or autograd
     overhead. Recording refuses Python control flow on latent values (it raises), and the graph must
     reproduce the eager potential and gradient at a random point, or it is dropped.
@@ -287,7 +287,7 @@ def captured_potential_graph(potential: "ModelPotential", example: torch.Tensor)
     a larger captured function, such as a NUTS leaf)."""
     import warnings
 
-    from bmm_ppl.inference.graph_capture import capture_with_graph
+    from bmm_ppl.inference.program.graph_capture import capture_with_graph
 
     generator = torch.Generator(device=example.device).manual_seed(0)  # leaves the global RNG alone
     probe = example + torch.randn(example.shape, generator=generator, dtype=example.dtype, device=example.device) * 0.5
@@ -325,7 +325,7 @@ def functional_potential_and_grad(potential: "ModelPotential"):
 def constrained_draws(potential: "ModelPotential", flat: torch.Tensor) -> dict[str, torch.Tensor]:
     """``{site: Tensor[C, S, *value_shape]}`` for every latent site and ``pyro.deterministic`` site, from
     unconstrained draws ``flat: Tensor[C, S, D]``."""
-    from bmm_ppl.inference.model_runs import inspect_model, predictive_draws
+    from bmm_ppl.inference.program.runs import inspect_model, predictive_draws
 
     chains, per_chain, dim = flat.shape
     with torch.no_grad():

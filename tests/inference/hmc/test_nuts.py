@@ -311,8 +311,8 @@ def test_bad_models_and_data():
 
 def test_observed_scale_multiplies_the_likelihood_not_the_prior():
     # poutine.condition marks the latent values as observed too: only the data may be scaled by n / b.
-    from bmm_ppl.inference.minibatch_potential import with_observed_scale
-    from bmm_ppl.inference.potential import ModelPotential
+    from bmm_ppl.inference.program.minibatch import with_observed_scale
+    from bmm_ppl.inference.program.potential import ModelPotential
 
     def model(y):
         m = pyro.sample("m", dist.Normal(torch.zeros((), dtype=y.dtype), 2.0))

@@ -15,7 +15,7 @@ from bmm_ppl.inference import DivergenceError, Exact
 from bmm_ppl.inference.sgmcmc import SGLD, polynomial_decay
 from bmm_ppl.models import BayesianLinearRegression, polynomial_features
 from tests.conftest import default_device
-from tests.inference.test_nuts import assert_matches
+from tests.inference.hmc.test_nuts import assert_matches
 
 
 def data(device="cpu"):
@@ -168,8 +168,8 @@ def test_jit_full_data_steps_match_the_model():
 
 def test_captured_minibatch_potential_is_the_scaled_batch_likelihood_plus_prior():
     # U(z) = -(n/b) sum_batch log N(y_i | m, s) - log N(m | 0, 3) - log LogNormal(s | 0, 1) - log s  (s = exp z_s)
-    from bmm_ppl.inference.minibatch_potential import DataSplit, compiled_minibatch_potential_and_grad
-    from bmm_ppl.inference.potential import ModelPotential
+    from bmm_ppl.inference.program.minibatch import DataSplit, compiled_minibatch_potential_and_grad
+    from bmm_ppl.inference.program.potential import ModelPotential
 
     y = torch.linspace(-2.0, 3.0, 12, dtype=torch.float64)
     offset = torch.tensor(0.5, dtype=torch.float64)  # not data: its first dimension is not n

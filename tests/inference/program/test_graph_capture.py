@@ -5,7 +5,7 @@ import torch
 
 import torch.nn.functional as F
 
-from bmm_ppl.inference.graph_capture import capture, graph_size, is_capturing, trace_function
+from bmm_ppl.inference.program.graph_capture import capture, graph_size, is_capturing, trace_function
 from bmm_ppl.inference.hmc.nuts_kernel import _checkpoint_masks
 
 
@@ -135,7 +135,7 @@ def test_bernoulli_log_prob_is_recorded_as_softplus_with_the_same_values_and_gra
 
 
 def test_cpu_graphs_run_on_static_runtime_with_fresh_outputs_and_the_eager_random_stream():
-    from bmm_ppl.inference.graph_capture import _StaticRuntimeGraph
+    from bmm_ppl.inference.program.graph_capture import _StaticRuntimeGraph
 
     def step(x):
         noise = torch.rand_like(x)

@@ -16,7 +16,7 @@ from bmm_ppl.inference import (
     Posterior,
     UnsupportedModelError,
 )
-from bmm_ppl.inference import linear_gaussian
+from bmm_ppl.inference.exact import isotropic_prior as linear_gaussian
 from bmm_ppl.models import BayesianLinearRegression, polynomial_features, rbf_features
 
 F64 = torch.float64

@@ -11,13 +11,13 @@ import torch.utils.data
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
-from bmm_ppl.inference import svi_core
+from bmm_ppl.inference.svi import core as svi_core
 from bmm_ppl.inference.errors import DivergenceError, UnsupportedModelError
-from bmm_ppl.inference.guides import GuideLatents, is_point_mass, resolve_guide
-from bmm_ppl.inference.iwae import elbo_from_weights, log_importance_weights, streamed_log_importance_weights
+from bmm_ppl.inference.svi.guides import GuideLatents, is_point_mass, resolve_guide
+from bmm_ppl.inference.svi.iwae import elbo_from_weights, log_importance_weights, streamed_log_importance_weights
 from bmm_ppl.inference.posterior import Posterior
-from bmm_ppl.inference.svi_core import Schedule
-from bmm_ppl.inference.svi_data import DataArguments, LoaderPasses, ScaleInPlate, minibatches
+from bmm_ppl.inference.svi.core import Schedule
+from bmm_ppl.inference.svi.data import DataArguments, LoaderPasses, ScaleInPlate, minibatches
 from bmm_ppl.validation import check_tensor, prepare_data
 
 _CHECK_EVERY = 100  # steps between divergence checks (each one synchronises with the device once)
@@ -83,7 +83,7 @@ class SVI:
         average_fraction: the final fraction of steps whose iterates are averaged (0 turns it off).
         evidence_particles: draws for the final ELBO estimate.
         jit: after the first step, capture the ELBO and its gradients as one simplified graph
-            (:func:`~bmm_ppl.inference.svi_core.compile_loss_and_gradients`; recording refuses Python
+            (:func:`~bmm_ppl.inference.svi.core.compile_loss_and_gradients`; recording refuses Python
             control flow on traced values, and the graph must reproduce the eager loss and gradients);
             where it cannot (``pyro.module`` parameters, value-dependent control flow, a DataLoader's
             varying batches) the steps run eagerly. ``diagnostics["jit"]`` says which ran (``"graph"`` or

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bmm_ppl.inference.kalman import kalman_filter
-from bmm_ppl.inference.kalman.hmm import hmm_forward, hmm_posterior_marginals, viterbi
+from bmm_ppl.inference.hmm.forward_backward import hmm_forward, hmm_posterior_marginals, viterbi
 from bmm_ppl.inference.kalman.nonlinear import extended_kalman_filter, unscented_kalman_filter
 from bmm_ppl.models.state_space import LinearGaussianParams
 

@@ -9,11 +9,11 @@ import torch
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 from bmm_ppl.inference import DivergenceError, Exact, Posterior
-from bmm_ppl.inference.guides import GuideLatents, StoredDrawLatents, resolve_guide
-from bmm_ppl.inference.iwae import iwae_bound
-from bmm_ppl.inference.svi import SVI
-from bmm_ppl.inference.svi_data import ScaleInPlate
-from bmm_ppl.inference import svi_core
+from bmm_ppl.inference.svi.guides import GuideLatents, StoredDrawLatents, resolve_guide
+from bmm_ppl.inference.svi.iwae import iwae_bound
+from bmm_ppl.inference.svi.engine import SVI
+from bmm_ppl.inference.svi.data import ScaleInPlate
+from bmm_ppl.inference.svi import core as svi_core
 from bmm_ppl.models import BayesianLinearRegression, polynomial_features
 
 

@@ -18,8 +18,8 @@ import torch
 from pyro.poutine.util import site_is_subsample
 
 from bmm_ppl.inference.evidence import Evidence
-from bmm_ppl.inference.guides import GuideLatents, is_point_mass
-from bmm_ppl.inference.svi_core import per_particle, vectorised, traced_log_weights
+from bmm_ppl.inference.svi.guides import GuideLatents, is_point_mass
+from bmm_ppl.inference.svi.core import per_particle, vectorised, traced_log_weights
 
 
 def log_importance_weights(

@@ -15,8 +15,11 @@ unused). NaN entries of the observations are missing (see :func:`masked_observat
 from __future__ import annotations
 
 import dataclasses
+from typing import Union
 
 import torch
+
+from bmm_ppl.contracts.hyperparameters import Fixed, Hyperprior
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,3 +85,38 @@ def psd_sqrt(cov: torch.Tensor) -> torch.Tensor:
     """A symmetric square root of a positive semi-definite matrix (negative round-off eigenvalues clipped)."""
     values, vectors = torch.linalg.eigh(symmetrise(cov))
     return (vectors * values.clamp_min(0.0).sqrt().unsqueeze(-2)) @ vectors.mT
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedMatrix:
+    """A matrix learned by type-II, starting from ``init`` (``None``: a default scaled to the data).
+
+    ``diagonal=True`` (covariances only) learns the variances alone: the ``pyro.param`` is then the
+    vector of diagonal entries.
+    """
+
+    init: Union[torch.Tensor, float, None] = None
+    diagonal: bool = False
+
+
+MatrixSpec = Union[Fixed, LearnedMatrix, Hyperprior]
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSpaceForm:
+    """The linear-Gaussian structure of a model run on data, which the ``Kalman`` engine integrates.
+
+    Attributes:
+        params: the matrices (learned ones as the current ``pyro.param`` values).
+        observations: Tensor[*batch, T, p], NaN where missing.
+        specs: ``{argument: spec}`` for each argument of :class:`LinearGaussianSSM`.
+        transition_noise_loading: Tensor[n, k], so that the state noise covariance is ``L Q L^T``.
+        states_site, obs_site: the names of the trajectory and observation sites.
+    """
+
+    params: LinearGaussianParams
+    observations: torch.Tensor
+    specs: dict
+    transition_noise_loading: torch.Tensor
+    states_site: str = "states"
+    obs_site: str = "obs"

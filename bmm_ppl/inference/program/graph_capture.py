@@ -27,7 +27,6 @@ inside it (``torch.rand_like`` ...) stays random and draws from the global gener
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from typing import Callable, Sequence
 
@@ -36,6 +35,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
+
+from bmm_ppl.capture_state import is_capturing, recording
 
 aten = torch.ops.aten
 
@@ -51,22 +52,6 @@ _RESHAPES = {
 }
 
 
-_capturing = [False]
-
-
-def is_capturing() -> bool:
-    """Whether a graph is being recorded now: value checks (``if bad.any(): raise``) must be skipped, since
-    a data-dependent branch cannot be recorded (the data were checked before capture)."""
-    return _capturing[0]
-
-
-@contextlib.contextmanager
-def _recording():
-    previous, _capturing[0] = _capturing[0], True
-    try:
-        yield
-    finally:
-        _capturing[0] = previous
 
 
 class _CheaperFormulas(TorchFunctionMode):
@@ -376,7 +361,7 @@ def graph_size(module: torch.fx.GraphModule) -> int:
 
 def trace_function(fn: Callable, example_args: Sequence[torch.Tensor]) -> torch.fx.GraphModule:
     """``fn``'s operations on ``example_args`` as a functional (no in-place) ``make_fx`` graph, simplified."""
-    with torch.no_grad(), _recording(), _CheaperFormulas():
+    with torch.no_grad(), recording(), _CheaperFormulas():
         module = make_fx(torch.func.functionalize(fn, remove="mutations"))(*example_args)
     module.graph.eliminate_dead_code()
     module.recompile()
