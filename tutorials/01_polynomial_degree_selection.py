@@ -28,7 +28,8 @@ import torch
 
 from bmm_ppl import demo
 from bmm_ppl.datasets import load_sinusoidal
-from bmm_ppl.inference import Exact, HyperparameterBoundaryError, linear_gaussian
+from bmm_ppl.inference import Exact, HyperparameterBoundaryError
+from bmm_ppl.inference.exact import isotropic_prior as linear_gaussian
 from bmm_ppl.models import BayesianLinearRegression, polynomial_features
 
 
