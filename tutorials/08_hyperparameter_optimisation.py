@@ -26,7 +26,8 @@ import time
 import torch
 
 from bmm_ppl.datasets import load_sinusoidal
-from bmm_ppl.inference import Exact, linear_gaussian
+from bmm_ppl.inference import Exact
+from bmm_ppl.inference.exact import isotropic_prior as linear_gaussian
 from bmm_ppl.models import BayesianLinearRegression, polynomial_features
 from bmm_ppl.selection.bilevel import (
     BilevelProblem,
