@@ -122,7 +122,7 @@ def main(out_dir, quick: bool = False, seed: int = 0) -> dict:
     # 1. SGLD teacher -> Bayesian Dark Knowledge student, online.
     start = time.perf_counter()
     bdk = BayesianDarkKnowledge(
-        mlp(), mlp(), prior_scale=1.0, step_size=5e-4, lr=3e-3, num_steps=num_steps, burn_in=burn_in,
+        mlp(), mlp(), prior_scale=1.0, step_size=2.5e-4, lr=3e-3, num_steps=num_steps, burn_in=burn_in,
         batch_size=100, perturbation=0.1, store_every=(num_steps - burn_in) // num_teacher_samples, progress=False,
     )
     dark = bdk.fit(x_train, y_train)

@@ -1,7 +1,7 @@
 """Distillation of Bayesian predictions into one network: Hinton's loss, ``distill`` from a Posterior, an
 ensemble or a module, Bayesian Dark Knowledge, and data-free distillation from activation records."""
 
-from bmm_ppl.distillation.dark_knowledge import BayesianDarkKnowledge, DarkKnowledgeResult, sgld_step
+from bmm_ppl.distillation.dark_knowledge import BayesianDarkKnowledge, DarkKnowledgeResult
 from bmm_ppl.distillation.data_free import (
     ActivationStatistics,
     record_activation_statistics,
@@ -44,7 +44,6 @@ __all__ = [
     "hinton_loss",
     "mixture_moments",
     "record_activation_statistics",
-    "sgld_step",
     "statistics_of",
     "synthesize_inputs",
     "tempered_probabilities",

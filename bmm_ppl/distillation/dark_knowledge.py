@@ -6,9 +6,11 @@ inputs perturbed around the training data, with the current teacher sample's pre
 Averaged over the chain, the student fits the posterior predictive ``E_θ[p(y | x, θ)]`` without ever
 storing the teacher's samples.
 
-The SGLD update (Welling & Teh 2011) is a local functional step, :func:`sgld_step`:
-``θ ← θ + (ε/2) ĝ + √ε ξ`` with ``ĝ = ∇ log p(θ) + (N/B) Σ_{i∈batch} ∇ log p(y_i | x_i, θ)`` and
-``ξ ∼ N(0, I)``.
+The teacher's update is the SG-MCMC engine's kernel,
+:func:`~bmm_ppl.inference.sgmcmc.kernels.sgld_update` (Welling & Teh 2011), in the engine's convention:
+``θ ← θ − ε ∇Û + √(2ε) ξ`` with ``Û = −log p(θ) − (N/B) Σ_{i∈batch} log p(y_i | x_i, θ)`` and
+``ξ ∼ N(0, I)``. (Before this convention was shared, Bayesian Dark Knowledge wrote the step as
+``θ + (ε/2) ĝ + √ε ξ``: an old ``step_size`` of ε is a new one of ε/2.)
 """
 
 from __future__ import annotations
@@ -24,27 +26,8 @@ from bmm_ppl.distillation.distill import GaussianPerturbation, check_student_out
 from bmm_ppl.distillation.losses import _gaussian
 from bmm_ppl.distillation.teachers import Task, regression_output
 from bmm_ppl.inference.errors import DivergenceError
+from bmm_ppl.inference.sgmcmc.kernels import sgld_update
 from bmm_ppl.validation import check_same_length, check_tensor
-
-
-@torch.no_grad()
-def sgld_step(params: list[torch.Tensor], grads: list[torch.Tensor], step_size: float) -> None:
-    """One SGLD step in place: ``θ ← θ + (ε/2) g + √ε ξ``, with ``g`` the gradient of the log posterior.
-
-    Args:
-        params: the parameter tensors θ (updated in place).
-        grads: ``∇ log p(θ | data)`` estimates, one per parameter.
-        step_size: ε > 0.
-
-    Example:
-        >>> theta = [torch.zeros(3)]
-        >>> sgld_step(theta, [torch.ones(3)], 0.0)
-        >>> theta[0]
-        tensor([0., 0., 0.])
-    """
-    noise_scale = step_size**0.5
-    for p, g in zip(params, grads):
-        p.add_(g, alpha=0.5 * step_size).add_(torch.randn_like(p), alpha=noise_scale)
 
 
 @dataclass
@@ -89,7 +72,8 @@ class BayesianDarkKnowledge:
         task: ``"classification"`` or ``"regression"``.
         prior_scale: standard deviation of the Gaussian prior on every teacher weight.
         noise_scale: observation noise standard deviation for a mean-only regression teacher.
-        step_size: SGLD step size ε (constant).
+        step_size: SGLD step size ε (constant), in the SG-MCMC engine's convention
+            ``θ − ε ∇U + √(2ε) ξ`` (:func:`~bmm_ppl.inference.sgmcmc.kernels.sgld_update`, the kernel used).
         lr: the student's Adam learning rate, decayed geometrically to ``lr · lr_final_fraction`` at the
             last step (the student then averages over more teacher samples, as in Korattikara et al.).
         lr_final_fraction: see ``lr``.
@@ -119,7 +103,7 @@ class BayesianDarkKnowledge:
         task: str | Task = Task.CLASSIFICATION,
         prior_scale: float = 1.0,
         noise_scale: float | None = None,
-        step_size: float = 1e-4,
+        step_size: float = 5e-5,
         lr: float = 1e-3,
         lr_final_fraction: float = 0.01,
         num_steps: int = 1000,
@@ -217,7 +201,12 @@ class BayesianDarkKnowledge:
             log_lik = self._log_likelihood(self.teacher(x[rows]), y[rows])
             grads = torch.autograd.grad(log_lik, teacher_params)
             scale = n / batch
-            sgld_step(teacher_params, [scale * g - prior_precision * p.detach() for g, p in zip(grads, teacher_params)], self.step_size)
+            with torch.no_grad():
+                for p, g in zip(teacher_params, grads):
+                    # dU/dθ of U = -log prior - (N/B) log-likelihood of the batch.
+                    potential_grad = torch.add(g, p, alpha=-prior_precision / scale).mul_(-scale)
+                    moved, _ = sgld_update(p, potential_grad, {}, step_size=self.step_size)
+                    p.copy_(moved)
             log_liks[step] = log_lik.detach() / batch
             if step >= self.burn_in:
                 # Student: one step towards this teacher sample's predictive at perturbed inputs.
