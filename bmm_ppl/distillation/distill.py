@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import itertools
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from bmm_ppl.distillation.losses import _gaussian, _hinton, gaussian_distillation_loss
 from bmm_ppl.distillation.teachers import PosteriorTeacher, Task, Teacher, TeacherPrediction, as_teacher
-from bmm_ppl.inference.errors import DivergenceError
+from bmm_ppl.inference.errors import ConvergenceWarning, DivergenceError
 from bmm_ppl.validation import check_tensor
 
 
@@ -57,13 +57,18 @@ class DistillationResult:
     """What :func:`distill` returns.
 
     Attributes:
-        student: the trained student (the best one on validation when early stopping was used).
+        student: the trained student (the one with the best held-out loss when there was a held-out set).
         agreement: teacher–student agreement on held-out (or training) inputs, plain floats; see
             :func:`agreement`.
         loss_trace: Tensor[epochs] mean training loss per epoch.
-        validation_trace: Tensor[epochs] validation loss per epoch, or ``None``.
+        validation_trace: Tensor[epochs] held-out loss per epoch, or ``None``.
         epochs_run: epochs actually run.
         stopped_early: whether early stopping ended the run.
+        converged: whether the monitored loss stopped improving (by more than ``tol``) for ``patience``
+            epochs before the epoch cap.
+        diagnostics: ``epochs_run``, ``best_epoch`` (1-based), ``best_loss`` (the monitored loss there),
+            ``monitored`` (``"validation"`` or ``"training"``), ``converged``, ``final_lr``,
+            ``num_train`` and ``num_validation`` (rows; ``None`` for non-tensor sources).
     """
 
     student: torch.nn.Module
@@ -74,9 +79,13 @@ class DistillationResult:
     stopped_early: bool = False
     diagnostics: dict = field(default_factory=dict)
 
+    @property
+    def converged(self) -> bool:
+        return bool(self.diagnostics.get("converged", self.stopped_early))
+
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in self.agreement.items())
-        return f"DistillationResult(epochs_run={self.epochs_run}, stopped_early={self.stopped_early}, {shown})"
+        return f"DistillationResult(epochs_run={self.epochs_run}, converged={self.converged}, {shown})"
 
 
 def _student_device(student: torch.nn.Module) -> torch.device:
@@ -159,12 +168,14 @@ def distill(
     targets: torch.Tensor | None = None,
     temperature: float = 1.0,
     weight: float = 0.5,
-    epochs: int = 10,
+    epochs: int = 2000,
     lr: float = 1e-3,
     batch_size: int = 128,
-    validation_fraction: float = 0.0,
+    validation_fraction: float = 0.1,
     validation_inputs: torch.Tensor | None = None,
-    patience: int | None = None,
+    patience: int | None = 50,
+    tol: float = 1e-4,
+    lr_factor: float = 0.5,
     num_samples: int = 100,
     steps_per_epoch: int | None = None,
     optimizer: Callable | None = None,
@@ -176,6 +187,15 @@ def distill(
     ``targets`` are given, weighted by ``weight``); regression minimises the Gaussian expected NLL of
     :func:`~bmm_ppl.distillation.gaussian_distillation_loss` (the student outputs Tensor[n, 2]: mean and
     log-variance). Everything runs on the device of the student's parameters; tensor inputs must be on it.
+
+    By default it trains to convergence: ``validation_fraction`` of tensor inputs is held out, and
+    training stops once the held-out distillation loss has not improved by more than ``tol`` for
+    ``patience`` epochs, returning the student of the best epoch. The learning rate is multiplied by
+    ``lr_factor`` each time ``patience // 2`` epochs pass without improvement (a plateau schedule), so the
+    last epochs average out the minibatch noise. ``epochs`` is a cap: a run that reaches it while the loss
+    is still improving issues a :class:`~bmm_ppl.inference.ConvergenceWarning`. Without a held-out set
+    (a non-tensor source and no ``validation_inputs``, or ``validation_fraction=0``) the mean training
+    loss of each epoch is monitored instead.
 
     Args:
         teacher: an ``nn.Module`` (logits), a list of modules (an ensemble), or a ``Posterior`` (its
@@ -189,22 +209,33 @@ def distill(
         task: ``"classification"`` or ``"regression"`` (default: the teacher's, classification for modules).
         targets: optional labels Tensor[n] for tensor inputs (adds Hinton's hard term).
         temperature, weight: Hinton's T and λ (λ weighs the hard term).
-        epochs, lr, batch_size: training schedule (Adam unless ``optimizer`` builds another from params).
+        epochs: the epoch cap.
+        lr, batch_size: Adam's initial learning rate (unless ``optimizer`` builds another optimiser from
+            the parameters) and the minibatch size.
         validation_fraction: share of tensor inputs held out for early stopping and the agreement report.
         validation_inputs: Tensor[m, ...] held-out inputs instead.
-        patience: stop after this many epochs without a better validation loss, keeping the best student.
+        patience: stop after this many epochs without an improvement larger than ``tol``; ``None`` runs
+            all ``epochs`` (no early stopping and no warning: a fixed schedule chosen by the caller).
+        tol: the smallest decrease of the monitored loss (nats per row) that counts as an improvement.
+        lr_factor: plateau decay of the learning rate, in (0, 1]; 1 keeps it constant.
         steps_per_epoch: batches per epoch for a callable or iterator source (an iterable's full length
             when ``None``).
         progress: show a tqdm bar over epochs.
 
     Returns:
-        :class:`DistillationResult` with the trained ``.student`` and ``.agreement``.
+        :class:`DistillationResult` with the trained ``.student``, ``.agreement`` and ``.diagnostics``.
+
+    Raises:
+        DivergenceError: the training loss became non-finite.
+
+    Warns:
+        ConvergenceWarning: the epoch cap was reached while the monitored loss was still improving.
 
     Example:
         >>> _ = torch.manual_seed(0); teacher = torch.nn.Linear(3, 4); student = torch.nn.Linear(3, 4)
-        >>> result = distill(teacher, student, torch.randn(64, 3), epochs=100, lr=0.1, progress=False)
-        >>> result.agreement["top1_agreement"] > 0.9
-        True
+        >>> result = distill(teacher, student, torch.randn(256, 3), lr=0.03, progress=False)
+        >>> result.converged, result.agreement["top1_agreement"] > 0.9
+        (True, True)
     """
     if not isinstance(student, torch.nn.Module):
         raise TypeError(f"student must be a torch.nn.Module, got {type(student).__name__}")
@@ -213,6 +244,12 @@ def distill(
         raise ValueError(f"epochs and batch_size must be positive, got epochs={epochs}, batch_size={batch_size}")
     if not 0.0 <= validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must lie in [0, 1), got {validation_fraction}")
+    if patience is not None and patience < 1:
+        raise ValueError(f"patience must be a positive number of epochs or None, got {patience}")
+    if not tol >= 0:
+        raise ValueError(f"tol must be non-negative, got {tol}")
+    if not 0.0 < lr_factor <= 1.0:
+        raise ValueError(f"lr_factor must lie in (0, 1], got {lr_factor}")
     device = _student_device(student)
     teacher_device = teacher.device()
     if teacher_device is not None and teacher_device != device:
@@ -226,9 +263,9 @@ def distill(
             raise ValueError(f"inputs are on {train_x.device} but the student is on {device}; move one of them")
         if targets is not None and targets.shape != train_x.shape[:1]:
             raise ValueError(f"targets must be Tensor[{train_x.shape[0]}], got shape {tuple(targets.shape)}")
-        if validation_inputs is None and validation_fraction > 0:
+        held = int(round(validation_fraction * train_x.shape[0]))
+        if validation_inputs is None and 0 < held < train_x.shape[0]:
             order = torch.randperm(train_x.shape[0], device=device)
-            held = max(1, int(round(validation_fraction * train_x.shape[0])))
             validation_inputs, train_x = train_x[order[:held]], train_x[order[held:]]
             targets = None if targets is None else targets[order[held:]]
     elif targets is not None:
@@ -237,8 +274,6 @@ def distill(
         check_tensor("validation_inputs", validation_inputs)
         if validation_inputs.device != device:
             raise ValueError(f"validation_inputs are on {validation_inputs.device} but the student is on {device}")
-    if patience is not None and validation_inputs is None:
-        raise ValueError("early stopping (patience=) needs validation_inputs or validation_fraction > 0")
 
     def epoch_batches():
         if train_x is not None:
@@ -300,8 +335,10 @@ def distill(
 
     # ------------------------------------------------------------------ loop
     optim = optimizer(student.parameters()) if optimizer is not None else torch.optim.Adam(student.parameters(), lr=lr)
+    monitored = "validation" if validation_inputs is not None else "training"
+    plateau = max(1, patience // 2) if patience is not None else None
     losses, val_losses = [], []
-    best, best_state, since_best, stopped_early = None, None, 0, False
+    best, best_epoch, best_state, since_best, since_decay, stopped_early = None, 0, None, 0, 0, False
     student.train()
     bar = tqdm(range(epochs), disable=not progress, desc="distill")
     for _epoch in bar:
@@ -330,19 +367,37 @@ def distill(
         if validation_inputs is not None:
             val_losses.append(validation_loss())
             current = float(val_losses[-1])
-            if best is None or current < best:
-                best, since_best = current, 0
-                best_state = copy.deepcopy(student.state_dict()) if patience is not None else None
-            else:
-                since_best += 1
             bar.set_postfix(loss=float(losses[-1]), validation=current)
-            if patience is not None and since_best >= patience:
-                stopped_early = True
-                break
         else:
-            bar.set_postfix(loss=float(losses[-1]))
+            current = float(losses[-1])
+            bar.set_postfix(loss=current)
+        if best is None or current < best - tol:
+            best, best_epoch, since_best, since_decay = current, _epoch + 1, 0, 0
+            if validation_inputs is not None:  # the held-out best is the student returned
+                best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        else:
+            since_best += 1
+            since_decay += 1
+        if patience is None:
+            continue
+        if since_best >= patience:
+            stopped_early = True
+            break
+        if since_decay >= plateau and lr_factor < 1:
+            for group in optim.param_groups:
+                group["lr"] *= lr_factor
+            since_decay = 0
     if best_state is not None:
         student.load_state_dict(best_state)
+    converged = stopped_early
+    if patience is not None and not converged:
+        warnings.warn(
+            f"distill reached the epoch cap (epochs={epochs}) while the {monitored} distillation loss was still "
+            f"improving (best {best:.4g} at epoch {best_epoch}, {since_best} epochs ago; patience={patience}): the "
+            "student is undertrained; raise epochs or lr",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
 
     report_x = validation_inputs if validation_inputs is not None else (train_x if train_x is not None else probe)
     report = agreement(teacher, student, report_x, batch_size=batch_size)
@@ -353,4 +408,14 @@ def distill(
         validation_trace=torch.stack(val_losses) if val_losses else None,
         epochs_run=len(losses),
         stopped_early=stopped_early,
+        diagnostics={
+            "epochs_run": len(losses),
+            "best_epoch": best_epoch,
+            "best_loss": best,
+            "monitored": monitored,
+            "converged": converged,
+            "final_lr": float(optim.param_groups[0]["lr"]),
+            "num_train": None if train_x is None else int(train_x.shape[0]),
+            "num_validation": None if validation_inputs is None else int(validation_inputs.shape[0]),
+        },
     )
