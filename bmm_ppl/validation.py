@@ -61,9 +61,79 @@ def check_positive(name: str, value) -> None:
         raise ValueError(f"{name} must be positive, got {value}")
 
 
-def prepare_data(args: tuple, kwargs: dict, device=None) -> tuple[tuple, dict]:
+def check_nonempty(name: str, value: torch.Tensor) -> torch.Tensor:
+    """Raises unless ``value`` has at least one row (its first dimension is not zero).
+
+    Example:
+        >>> check_nonempty("x", torch.ones(2, 0)).shape
+        torch.Size([2, 0])
+    """
+    if value.dim() > 0 and value.shape[0] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(value.shape)}): the data need at least one row")
+    return value
+
+
+def check_same_float_dtype(**tensors: torch.Tensor) -> torch.dtype | None:
+    """Checks that every floating-point tensor given has one dtype and returns it (``None`` when none is
+    floating). Integer and boolean tensors (labels, indices, counts, masks) are not compared.
+
+    Example:
+        >>> check_same_float_dtype(x=torch.ones(2, dtype=torch.float64), task=torch.zeros(2, dtype=torch.long))
+        torch.float64
+    """
+    dtypes = {name: t.dtype for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    if len(set(dtypes.values())) > 1:
+        described = ", ".join(f"{n} is {str(d).replace('torch.', '')}" for n, d in dtypes.items())
+        raise ValueError(
+            f"data of different floating-point dtypes ({described}); convert them to one dtype "
+            "(e.g. all .double() or all .float())"
+        )
+    return next(iter(dtypes.values()), None)
+
+
+def as_real_valued(name: str, value: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``value`` as a floating-point tensor: integer or boolean data are converted to ``dtype`` (the default
+    float dtype when ``None``), floating data pass unchanged, complex data are refused.
+
+    For the real-valued arguments of regression models (inputs, targets): computing with them in an
+    integer dtype would truncate every number derived from them (a noise precision 1.9 would become 1).
+
+    Example:
+        >>> as_real_valued("x", torch.arange(3), torch.float64)
+        tensor([0., 1., 2.], dtype=torch.float64)
+    """
+    if value.is_floating_point():
+        return value
+    if value.is_complex():
+        raise ValueError(f"{name} must be real-valued, got dtype {value.dtype}")
+    return value.to(torch.get_default_dtype() if dtype is None else dtype)
+
+
+def _argument_names(model, count: int) -> list[str]:
+    """Names of the first ``count`` positional arguments of ``model`` (``"argument i"`` where unknown)."""
+    import inspect
+
+    names = [f"argument {i}" for i in range(count)]
+    if model is None:
+        return names
+    try:
+        parameters = list(inspect.signature(model).parameters.values())
+    except (TypeError, ValueError):
+        return names
+    positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    for i, parameter_name in enumerate(positional[:count]):
+        names[i] = f"{parameter_name} (argument {i})"
+    return names
+
+
+def prepare_data(args: tuple, kwargs: dict, device=None, model=None) -> tuple[tuple, dict]:
     """The engines' common entry check: moves tensor arguments to ``device`` (``None``: leave them where
-    they are), then checks that they share one device and hold no NaN or infinity, naming each bad one.
+    they are), then checks that they share one device, hold no NaN or infinity, are not empty (zero rows)
+    and that the floating-point ones share one dtype, naming each bad one (by the parameter name of
+    ``model``'s signature where ``model`` is given, else by position).
+
+    Integer and boolean tensors pass unchanged: they may be labels, task indices, counts or masks. A model
+    whose arguments are real-valued converts them itself (see :func:`as_real_valued`).
 
     Example:
         >>> args, kwargs = prepare_data((torch.ones(3), 2), {"y": torch.zeros(3)})
@@ -76,10 +146,13 @@ def prepare_data(args: tuple, kwargs: dict, device=None) -> tuple[tuple, dict]:
 
     args = tuple(move(a) for a in args)
     kwargs = {k: move(v) for k, v in kwargs.items()}
-    tensors = {f"argument {i}": a for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
+    names = _argument_names(model, len(args))
+    tensors = {names[i]: a for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
     tensors.update({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
     if tensors:
         check_same_device(**tensors)
+        check_same_float_dtype(**tensors)
     for name, value in tensors.items():
         check_tensor(name, value)
+        check_nonempty(name, value)
     return args, kwargs

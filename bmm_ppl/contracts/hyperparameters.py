@@ -77,11 +77,18 @@ def hyperparameter_site(name: str, spec: HyperparameterSpec, like: torch.Tensor,
     """The hyperparameter's value inside a Pyro program, on the device and dtype of ``like``.
 
     A :class:`Learned` spec becomes ``pyro.param(name, init, constraint=positive)``, a
-    :class:`Hyperprior` becomes ``pyro.sample(name, prior)``, a :class:`Fixed` spec a constant.
+    :class:`Hyperprior` becomes ``pyro.sample(name, prior)``, a :class:`Fixed` spec a constant. A
+    hyperparameter is real-valued: where ``like`` is an integer tensor (integer data) it takes the default
+    float dtype instead, so that ``beta=1.9`` is never truncated to 1.
+
+    Example:
+        >>> hyperparameter_site("beta", Fixed(1.9), like=torch.arange(3))
+        tensor(1.9000)
     """
+    dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
     if isinstance(spec, Fixed):
-        return torch.as_tensor(spec.value, dtype=like.dtype, device=like.device)
+        return torch.as_tensor(spec.value, dtype=dtype, device=like.device)
     if isinstance(spec, Learned):
-        init = torch.as_tensor(spec.init, dtype=like.dtype, device=like.device)
+        init = torch.as_tensor(spec.init, dtype=dtype, device=like.device)
         return pyro.param(name, init, constraint=constraints.positive if positive else constraints.real)
     return pyro.sample(name, spec.prior)

@@ -13,7 +13,15 @@ from torch.func import functional_call, vmap
 
 from bmm_ppl._enums import StrEnum
 from bmm_ppl.contracts.hyperparameters import as_hyperparameter, hyperparameter_site
-from bmm_ppl.validation import check_same_device, check_same_length, check_tensor
+from bmm_ppl.capture_state import is_capturing
+from bmm_ppl.validation import (
+    as_real_valued,
+    check_nonempty,
+    check_same_device,
+    check_same_float_dtype,
+    check_same_length,
+    check_tensor,
+)
 
 
 class WeightPrior(StrEnum):
@@ -161,29 +169,67 @@ class BayesianNeuralNetwork:
         return out.reshape(batch[:-1] + out.shape[1:]), len(batch) - 1
 
     # ---------------------------------------------------------------- model
-    def _checked(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def _checked(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Checks the data; returns the tensor whose dtype the hyperparameters take, and ``y`` (Gaussian
+        targets as floating point)."""
         check_tensor("x", x)
         if x.dim() == 0:
             raise ValueError("x must have a data dimension first, got a scalar")
+        # The weights are sample sites whose dtype follows the prior scales, which follow ``like``: the
+        # floating data, or (integer x, e.g. indices into an Embedding) the module's own dtype.
+        parameter_dtype = next(self.module.parameters()).dtype
+        like = x if x.is_floating_point() else torch.zeros((), dtype=parameter_dtype, device=x.device)
         if y is not None:
             check_tensor("y", y)
             check_same_length(x=x, y=y)
             check_same_device(x=x, y=y)
-            if self.likelihood is Likelihood.CATEGORICAL and (y.is_floating_point() or y.dim() != 1):
-                raise ValueError(f"a categorical likelihood needs integer class labels y: Tensor[n], got {y.dtype} {tuple(y.shape)}")
+            check_nonempty("x", x)
+            if self.likelihood is Likelihood.CATEGORICAL:
+                if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 1:
+                    raise ValueError(
+                        f"a categorical likelihood needs integer class labels y: Tensor[n], got {y.dtype} {tuple(y.shape)}"
+                    )
+            else:
+                check_same_float_dtype(x=x, y=y)
+                # Gaussian targets are real numbers: integer y would be observed as integers.
+                y = as_real_valued("y", y, like.dtype)
+        return like, y
+
+    def _checked_labels(self, y: torch.Tensor, logits: torch.Tensor) -> None:
+        # Data-dependent, so skipped while a potential is traced for jit (the data were checked at the first run).
+        if torch.jit.is_tracing() or is_capturing() or y.device.type == "meta":
+            return
+        num_classes = logits.shape[-1]
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"y holds class labels in [{low}, {high}] but the network gives {num_classes} classes: "
+                f"labels must lie in [0, {num_classes})"
+            )
+
+    def _run_network(self, weights: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, int]:
         if x.is_floating_point():
-            return x
-        some = next(self.module.parameters())
-        return torch.zeros((), dtype=some.dtype, device=x.device)
+            return self._network(weights, x)
+        try:
+            return self._network(weights, x)
+        except RuntimeError as error:
+            # Integer x is legitimate for a network that takes indices (an Embedding); for any other it
+            # ends in a dtype error deep inside torch, which names neither x nor the remedy.
+            raise ValueError(
+                f"x is an integer tensor ({x.dtype}) and the network cannot take it ({error}); pass real-valued "
+                f"inputs as floating point, e.g. x.to({next(self.module.parameters()).dtype})"
+            ) from error
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        like = self._checked(x, y)
+        like, y = self._checked(x, y)
         tempered = poutine.scale(scale=1.0 / self.temperature) if self.temperature != 1.0 else contextlib.nullcontext()
         with tempered:
             weights = self.sample_weights(like)
-            out, num_draw_dims = self._network(weights, x)
+            out, num_draw_dims = self._run_network(weights, x)
             num_data = x.shape[0]
             if self.likelihood is Likelihood.CATEGORICAL:
+                if y is not None:
+                    self._checked_labels(y, out)
                 with pyro.plate("data", num_data, dim=-1, device=x.device):
                     # Recorded so that predictive class probabilities (and distillation) need no
                     # Monte-Carlo average of one-hot label draws.

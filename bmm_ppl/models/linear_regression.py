@@ -8,10 +8,21 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from bmm_ppl.models.features import IdentityFeatures
+from bmm_ppl.models.features import IdentityFeatures, PolynomialFeatures, RBFFeatures
 from bmm_ppl.contracts.hyperparameters import as_hyperparameter, hyperparameter_site
 from bmm_ppl.contracts.regression_forms import IsotropicRegressionForm
-from bmm_ppl.validation import check_same_device, check_same_length, check_tensor
+from bmm_ppl.validation import (
+    as_real_valued,
+    check_nonempty,
+    check_same_device,
+    check_same_float_dtype,
+    check_same_length,
+    check_tensor,
+)
+
+# Feature maps of real inputs: an integer x would make them compute in integers (powers that overflow,
+# RBF centres truncated), so they get x as floating point.
+_REAL_INPUT_FEATURES = (IdentityFeatures, PolynomialFeatures, RBFFeatures)
 
 
 class BayesianLinearRegression:
@@ -44,18 +55,36 @@ class BayesianLinearRegression:
         self.beta = as_hyperparameter("beta", beta)
 
     def _checked_data(self, x: torch.Tensor, y: torch.Tensor | None):
+        """The design ``features(x)`` (floating point) and the targets ``y`` (floating point or ``None``).
+
+        Integer or boolean ``x`` and ``y`` are real numbers here: they are converted to the floating dtype
+        of the other argument (the default float dtype when neither is floating). The built-in feature
+        maps get floating inputs; a custom feature map gets ``x`` as given (it may index a table) and an
+        integer design it returns is converted.
+        """
         check_tensor("x", x, dim=(1, 2))
         if y is not None:
             check_tensor("y", y, dim=1)
             check_same_length(x=x, y=y)
             check_same_device(x=x, y=y)
+        check_nonempty("x", x)
+        dtype = check_same_float_dtype(x=x, y=y) or torch.get_default_dtype()
+        if isinstance(self.features, _REAL_INPUT_FEATURES):
+            x = as_real_valued("x", x, dtype)
+        y = None if y is None else as_real_valued("y", y, dtype)
         design = self.features(x)
-        if design.dim() != 2 or design.shape[0] != x.shape[0]:
-            raise ValueError(f"features(x) must be Tensor[n, d] with n = len(x), got {tuple(design.shape)}")
-        return design
+        if not isinstance(design, torch.Tensor) or design.dim() != 2 or design.shape[0] != x.shape[0]:
+            shape = tuple(design.shape) if isinstance(design, torch.Tensor) else type(design).__name__
+            raise ValueError(f"features(x) must be Tensor[n, d] with n = len(x), got {shape}")
+        design = as_real_valued("features(x)", design, dtype)
+        if y is not None and design.dtype != y.dtype:
+            raise ValueError(
+                f"features(x) is {design.dtype} but y is {y.dtype}; the feature map must keep the dtype of the data"
+            )
+        return design, y
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        design = self._checked_data(x, y)
+        design, y = self._checked_data(x, y)
         alpha = hyperparameter_site("alpha", self.alpha, like=design)
         beta = hyperparameter_site("beta", self.beta, like=design)
         num_features = design.shape[-1]
@@ -70,7 +99,8 @@ class BayesianLinearRegression:
         """The structure that exact engines integrate; see :class:`IsotropicRegressionForm`."""
         if y is None:
             raise ValueError("y is required: the evidence is of observed data")
-        return IsotropicRegressionForm(self._checked_data(x, y), y, self.alpha, self.beta)
+        design, y = self._checked_data(x, y)
+        return IsotropicRegressionForm(design, y, self.alpha, self.beta)
 
     def __repr__(self) -> str:
         return f"BayesianLinearRegression({self.features!r}, alpha={self.alpha}, beta={self.beta})"
