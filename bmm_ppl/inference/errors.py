@@ -33,3 +33,8 @@ class ConvergenceWarning(UserWarning):
 class ChainDiagnosticsWarning(UserWarning):
     """A sampler's chains failed their checks at the end of a run: split R-hat above 1.01 or too few
     effective samples per chain (bulk or tail ESS below 100), as Stan and NumPyro's summary flag them."""
+
+
+class PriorSamplingWarning(UserWarning):
+    """The prior or prior-predictive draws for an ArviZ conversion could not be made (a ``pyro.factor``
+    term or an improper prior); the groups are left out rather than filled with draws of another prior."""

@@ -148,12 +148,14 @@ class Posterior:
         """``{obs_site: value}`` of the fitted data."""
         return observed_values(self._model_or_raise(), self.args, self.kwargs, self.hyperparameters)
 
-    def to_arviz(self, num_samples: int = 1000, posterior_predictive: bool = True):
+    def to_arviz(self, num_samples: int = 1000, posterior_predictive: bool = True, **kwargs):
         """ArviZ data (0.2x ``InferenceData`` or 1.x ``DataTree``) with posterior, observed data, pointwise
-        log-likelihood, posterior predictive and sample stats. See :func:`bmm_ppl.analysis.to_arviz`."""
+        log-likelihood, posterior predictive, sample stats, prior and prior predictive, dims named after the
+        model's plates; ``kwargs``: ``num_prior_samples``, ``dims``, ``coords``. See
+        :func:`bmm_ppl.analysis.to_arviz`."""
         from bmm_ppl.analysis.arviz_convert import to_arviz
 
-        return to_arviz(self, num_samples=num_samples, posterior_predictive=posterior_predictive)
+        return to_arviz(self, num_samples=num_samples, posterior_predictive=posterior_predictive, **kwargs)
 
     # ------------------------------------------------------------- placement
     @property
