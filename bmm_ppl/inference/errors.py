@@ -1,5 +1,7 @@
 """Exceptions and warnings raised by the inference engines."""
 
+from bmm_ppl._enums import StrEnum
+
 
 class UnsupportedModelError(TypeError):
     """The engine cannot handle the structure of the given model."""
@@ -19,6 +21,14 @@ class HyperparameterBoundaryError(RuntimeError):
 
 class HyperparameterBoundaryWarning(UserWarning):
     """Issued instead of :class:`HyperparameterBoundaryError` when the engine is asked to clip."""
+
+
+class OnBoundary(StrEnum):
+    """What a type-II engine (``Exact``, ``Kalman``) does when a learned hyperparameter's evidence
+    supremum is a limit (a boundary of its domain) rather than an interior optimum."""
+
+    RAISE = "raise"  # raise HyperparameterBoundaryError
+    CLIP = "clip"  # warn (HyperparameterBoundaryWarning), and return the fit at the last value reached
 
 
 class DivergenceError(RuntimeError):

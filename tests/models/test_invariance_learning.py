@@ -24,6 +24,8 @@ from bmm_ppl.selection.compare import compare
 from tests.conftest import default_device
 
 F64 = torch.float64
+# These fits run a few optimiser steps for speed; GPEvidence rightly reports them unconverged.
+pytestmark = pytest.mark.filterwarnings("ignore::bmm_ppl.inference.errors.ConvergenceWarning")
 ROTATION = AffineImageTransform((8, 8), ("rotation",))
 
 

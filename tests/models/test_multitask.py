@@ -129,6 +129,8 @@ def per_task_test_error(structure, per_task, seed):
     return float((fitted - weights).pow(2).sum(-1).mean())
 
 
+# With 3 examples per task the per-task noise variances run to 0 (no evidence maximum); Exact says so.
+@pytest.mark.filterwarnings("ignore::bmm_ppl.inference.errors.ConvergenceWarning")
 def test_hierarchical_beats_independent_with_few_examples_and_the_gap_closes():
     few = [(per_task_test_error(HierarchicalTasks(), 3, s), per_task_test_error(IndependentTasks(), 3, s)) for s in range(5)]
     many = [(per_task_test_error(HierarchicalTasks(), 60, s), per_task_test_error(IndependentTasks(), 60, s)) for s in range(5)]

@@ -8,24 +8,54 @@ from typing import Callable
 
 import torch
 
-from bmm_ppl._enums import StrEnum
 from bmm_ppl.inference.exact import general_prior as gaussian_linear, isotropic_prior as linear_gaussian
-from bmm_ppl.inference.errors import DivergenceError, HyperparameterBoundaryError, HyperparameterBoundaryWarning, UnsupportedModelError
+from bmm_ppl.inference.errors import (
+    ConvergenceWarning, DivergenceError, HyperparameterBoundaryError, HyperparameterBoundaryWarning, OnBoundary,
+    UnsupportedModelError,
+)
 from bmm_ppl.inference.evidence import Evidence
 from bmm_ppl.inference.latents import GaussianLatents
 from bmm_ppl.inference.posterior import Posterior
-from bmm_ppl.inference.exact.type2 import maximise_evidence
+from bmm_ppl.inference.exact.type2 import GRADIENT_TOLERANCE, maximise_evidence
 from bmm_ppl.contracts.hyperparameters import Fixed, Hyperprior, Learned
 from bmm_ppl.validation import prepare_data
 
 _OTHER_ENGINES = "use bmm_ppl.inference.SVI (variational) or NUTS (sampling) for it instead"
 
 
-class OnBoundary(StrEnum):
-    """What :class:`Exact` does when a learned hyperparameter's evidence supremum is a limit."""
+def _convergence(converged: bool, gradient_norm: float, iterations: int, max_iterations: int) -> dict:
+    """The convergence entries every iterative engine puts in ``Posterior.diagnostics``."""
+    return {
+        "converged": bool(converged),
+        "gradient_norm": float(gradient_norm),
+        "num_iterations": int(iterations),
+        "max_iterations": int(max_iterations),
+    }
 
-    RAISE = "raise"  # raise HyperparameterBoundaryError
-    CLIP = "clip"  # warn, and return the fit at the last finite value reached
+
+def _vanishing(hyperparameters: dict | None) -> str:
+    """Names learned variances (vector entries, or a matrix's smallest eigenvalue) far below the others:
+    the usual reason a type-II run cannot converge is one running to 0, where the evidence has no top."""
+    if not hyperparameters:
+        return ""
+    small = []
+    for name, value in hyperparameters.items():
+        if value.device.type == "meta" or value.numel() == 0 or not value.is_floating_point():
+            continue
+        if value.dim() == 2 and value.shape[0] == value.shape[1] and torch.allclose(value, value.mT):
+            entries = torch.linalg.eigvalsh(value)
+        else:
+            entries = value.reshape(-1)
+        top = float(entries.abs().max())
+        lowest = float(entries.min())
+        if top > 0 and 0 <= lowest < 1e-8 * top:
+            small.append(f"{name} reaches {lowest:.3g}")
+        if len(small) == 3:
+            break
+    if not small:
+        return ""
+    return (f"; {', '.join(small)}: a learned variance running to 0 (the evidence may have no maximum), "
+            "so fix it, give it a floor, or use more data per group")
 
 
 class Exact:
@@ -36,7 +66,11 @@ class Exact:
     the evidence keeps rising toward a boundary (``alpha -> inf``: the data prefer no signal) there is
     no meaningful optimum: ``on_boundary="raise"`` (default) raises
     :class:`~bmm_ppl.inference.errors.HyperparameterBoundaryError`, ``"clip"`` warns and returns the fit at
-    the last value reached, with ``diagnostics["boundary"]`` saying which limit.
+    the last value reached, with ``diagnostics["boundary"]`` saying which limit. The optimiser's
+    convergence is reported as every iterative engine reports it: ``diagnostics["converged"]`` (the
+    gradient norm of the log evidence over the unconstrained hyperparameters at most 1e-5 per
+    observation), ``"gradient_norm"``, ``"num_iterations"`` and ``"max_iterations"``; when it did not
+    converge a :class:`~bmm_ppl.inference.errors.ConvergenceWarning` says what to change.
 
     Args:
         on_boundary: ``"raise"`` or ``"clip"``.
@@ -89,10 +123,13 @@ class Exact:
         diagnostics = {
             "type2_evaluations": result.num_iterations,
             "boundary": dict(result.boundary),
+            **_convergence(result.converged, result.gradient_norm, result.iterations, self.max_iter),
         }
         if result.boundary:
             self._report_boundary(result, model)
             diagnostics["limit_log_evidence"] = result.limit_log_evidence
+        elif fixed["alpha"] is None or fixed["beta"] is None:
+            self._report_convergence(diagnostics, model)
 
         alpha = result.alpha.to(design.dtype)
         beta = result.beta.to(design.dtype)
@@ -135,6 +172,7 @@ class Exact:
             return -log_evidence
 
         evaluations = 0
+        iterations = 0
         if unconstrained:
             optimiser = torch.optim.LBFGS(
                 list(unconstrained.values()), lr=1.0, max_iter=self.max_iter, tolerance_grad=1e-9,
@@ -158,6 +196,7 @@ class Exact:
                 return loss
 
             optimiser.step(closure)
+            iterations = optimiser.state[optimiser._params[0]].get("n_iter", 0)
         with torch.no_grad():
             learned = {name: value.detach() for name, value in values().items()}
             form = model.gaussian_form(*args, **kwargs, hyperparameters=learned)
@@ -170,19 +209,38 @@ class Exact:
                 ) from None
         if not torch.isfinite(log_evidence):
             raise DivergenceError(f"type-II optimisation of {model!r} reached a non-finite evidence")
-        gradient_norm = None
+        diagnostics = {"type2_evaluations": evaluations}
         if unconstrained:
             loss = negative_log_evidence()
             grads = torch.autograd.grad(loss, list(unconstrained.values()))
             gradient_norm = float(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
+            converged = gradient_norm <= GRADIENT_TOLERANCE * max(1, form.targets.numel())
+            diagnostics.update(_convergence(converged, gradient_norm, iterations, self.max_iter))
+            diagnostics["type2_gradient_norm"] = gradient_norm
+            self._report_convergence(diagnostics, model, learned)
+        else:
+            diagnostics.update(_convergence(True, 0.0, 0, self.max_iter))
         latents = GaussianLatents(mean, gaussian_linear.psd_square_root(covariance), {form.weight_site: (mean.shape[0],)})
         return Posterior(
             model, args, kwargs,
             latent_distribution=latents,
             log_evidence=Evidence(float(log_evidence), None, "exact"),
             hyperparameters=learned,
-            diagnostics={"type2_evaluations": evaluations, "type2_gradient_norm": gradient_norm},
+            diagnostics=diagnostics,
             engine="Exact",
+        )
+
+    def _report_convergence(self, diagnostics: dict, model, hyperparameters: dict | None = None) -> None:
+        if diagnostics["converged"]:
+            return
+        capped = diagnostics["num_iterations"] >= self.max_iter
+        warnings.warn(
+            f"type-II evidence maximisation for {model!r} stopped before converging: gradient norm "
+            f"{diagnostics['gradient_norm']:.3g} after {diagnostics['num_iterations']} L-BFGS iterations"
+            + (f" (the cap, max_iter={self.max_iter}): raise max_iter" if capped else
+               ": the evidence is badly conditioned here; rescale the data or fix a hyperparameter")
+            + _vanishing(hyperparameters),
+            ConvergenceWarning, stacklevel=3,
         )
 
     def _report_boundary(self, result, model) -> None:

@@ -14,17 +14,63 @@ GPyTorch's ``ExactMarginalLogLikelihood`` returns ``(log p(y) + Σ log priors) /
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import pyro
 import torch
 
 from bmm_ppl._enums import StrEnum
-from bmm_ppl.inference.errors import DivergenceError, UnsupportedModelError
+from bmm_ppl.inference.errors import ConvergenceWarning, DivergenceError, UnsupportedModelError
 from bmm_ppl.inference.evidence import Evidence
 from bmm_ppl.inference.latents import GaussianLatents
 from bmm_ppl.inference.posterior import Posterior
 from bmm_ppl.validation import prepare_data
+
+
+_JITTERS = (1e-10, 1e-8, 1e-6, 1e-4)  # retried in turn, relative to the mean diagonal of K + σ² I
+
+
+def jittered_cholesky(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cholesky factor of ``matrix``, retried with growing diagonal jitter when round-off broke it.
+
+    Args:
+        matrix: Tensor[n, n], symmetric positive (semi-)definite in exact arithmetic.
+
+    Returns:
+        ``(factor, jitter)``: the lower factor of ``matrix + jitter * I`` and the jitter used
+        (Tensor[], 0 when none was needed; at most 1e-4 of the mean diagonal).
+
+    Raises:
+        torch.linalg.LinAlgError: the matrix is not positive definite even with the largest jitter.
+
+    Example:
+        >>> factor, jitter = jittered_cholesky(torch.ones(2, 2, dtype=torch.float64))
+        >>> float(jitter) > 0, bool(torch.allclose(factor @ factor.T, torch.ones(2, 2, dtype=torch.float64), atol=1e-6))
+        (True, True)
+    """
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    jitter = matrix.new_zeros(())
+    if matrix.device.type == "meta" or not bool(info.any()):
+        return factor, jitter
+    eye = torch.eye(matrix.shape[-1], device=matrix.device, dtype=matrix.dtype)
+    size = matrix.diagonal().mean().abs()
+    for relative in _JITTERS:
+        jitter = relative * size
+        factor, info = torch.linalg.cholesky_ex(matrix + jitter * eye)
+        if not bool(info.any()):
+            return factor, jitter
+    raise torch.linalg.LinAlgError(
+        f"the {matrix.shape[-1]} x {matrix.shape[-1]} GP covariance is not positive definite even with a "
+        f"jitter of {float(jitter):.3g} on its diagonal"
+    )
+
+
+def _log_evidence_from_factor(factor: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    n, outputs = y.shape
+    solved = torch.cholesky_solve(y, factor)
+    log_det = 2 * torch.log(torch.diagonal(factor)).sum()
+    return -0.5 * (y * solved).sum() - 0.5 * outputs * log_det - 0.5 * n * outputs * math.log(2 * math.pi)
 
 
 def gaussian_log_evidence(covariance: torch.Tensor, noise: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -44,17 +90,39 @@ def gaussian_log_evidence(covariance: torch.Tensor, noise: torch.Tensor, targets
         -3.796536
     """
     n = targets.shape[0]
-    y = targets.reshape(n, -1)
-    outputs = y.shape[1]
     noisy = covariance + noise * torch.eye(n, device=covariance.device, dtype=covariance.dtype)
-    factor = torch.linalg.cholesky(noisy)
-    solved = torch.cholesky_solve(y, factor)
-    log_det = 2 * torch.log(torch.diagonal(factor)).sum()
-    return -0.5 * (y * solved).sum() - 0.5 * outputs * log_det - 0.5 * n * outputs * math.log(2 * math.pi)
+    return _log_evidence_from_factor(torch.linalg.cholesky(noisy), targets.reshape(n, -1))
+
+
+def standardised_log_evidence(covariance: torch.Tensor, noise: torch.Tensor, targets: torch.Tensor,
+                              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log N(y / c | 0, (K + σ² I) / c²)`` with a jittered Cholesky: the evidence on the standardised
+    scale ``c``; on the user's scale it is this minus ``y.numel() * log c``.
+
+    Args:
+        covariance: Tensor[n, n]; noise: Tensor[]; targets: Tensor[n] or Tensor[n, C].
+        scale: the target scale ``c`` (> 0).
+
+    Returns:
+        ``(log_evidence, jitter)``: Tensor[] on the standardised scale and the Cholesky jitter added
+        there (Tensor[]; multiply by ``c²`` for the user's scale).
+
+    Example:
+        >>> K = torch.eye(3, dtype=torch.float64); y = torch.ones(3, dtype=torch.float64)
+        >>> value, _ = standardised_log_evidence(1e6 * K, torch.tensor(1e6, dtype=torch.float64), 1e3 * y, 1e3)
+        >>> bool(torch.isclose(value - 3 * math.log(1e3), gaussian_log_evidence(1e6 * K, torch.tensor(1e6, dtype=torch.float64), 1e3 * y)))
+        True
+    """
+    n = targets.shape[0]
+    inverse_sq = 1.0 / (scale * scale)
+    noisy = (covariance + noise * torch.eye(n, device=covariance.device, dtype=covariance.dtype)) * inverse_sq
+    factor, jitter = jittered_cholesky(noisy)
+    return _log_evidence_from_factor(factor, targets.reshape(n, -1) / scale), jitter
 
 
 def gaussian_process_posterior(covariance: torch.Tensor, noise: torch.Tensor, targets: torch.Tensor):
-    """The posterior of ``f`` at the data: mean ``K A⁻¹ y`` and covariance ``K - K A⁻¹ K`` (``A = K + σ²I``).
+    """The posterior of ``f`` at the data: mean ``K A⁻¹ y`` and covariance ``K - K A⁻¹ K`` (``A = K + σ²I``,
+    with a jittered Cholesky when round-off broke it).
 
     Returns:
         ``(mean, scale_factor)``: mean shaped like ``targets.T`` (Tensor[n] or Tensor[C, n]) and a
@@ -62,7 +130,7 @@ def gaussian_process_posterior(covariance: torch.Tensor, noise: torch.Tensor, ta
     """
     n = covariance.shape[0]
     noisy = covariance + noise * torch.eye(n, device=covariance.device, dtype=covariance.dtype)
-    factor = torch.linalg.cholesky(noisy)
+    factor, _ = jittered_cholesky(noisy)
     mean = covariance @ torch.cholesky_solve(targets.reshape(n, -1), factor)
     whitened = torch.linalg.solve_triangular(factor, covariance, upper=False)
     posterior_cov = covariance - whitened.T @ whitened
@@ -113,6 +181,22 @@ class Optimizer(StrEnum):
     LBFGS = "lbfgs"  # deterministic objectives (quadrature or finite-group kernels)
 
 
+# Sites holding a variance of the targets: their initial values are read in units of the targets' mean
+# square, so that a fit of c * y starts (and runs) where the fit of y does, scaled.
+_NOISE_SITE = "noise"
+_OUTPUTSCALE_SUFFIX = "outputscale"
+# Converged: |grad log p(y)| over the unconstrained hyperparameters at most this per observation. Near an
+# optimum with curvature ~N that leaves the evidence ~1e-6 N nats from its maximum.
+GRADIENT_TOLERANCE = 1e-3
+# Monte-Carlo kernels: the mean loss over the last tenth of the steps may differ from the tenth before by
+# at most two standard errors of that difference plus this per observation.
+_STOCHASTIC_TOLERANCE = 1e-3
+
+
+def _is_variance_site(name: str) -> bool:
+    return name == _NOISE_SITE or name.endswith(_OUTPUTSCALE_SUFFIX)
+
+
 class GPEvidence:
     """Type-II maximum of the exact GP evidence; posterior over ``f`` at the data; exact log evidence.
 
@@ -123,8 +207,24 @@ class GPEvidence:
     ``num_evidence_draws`` kernel draws with its standard error, tagged ``method="monte-carlo"`` (not an
     exact evidence: it is noisy and Jensen-biased), and ``diagnostics["stochastic_kernel"]`` is True.
 
+    The fit is scale-equivariant in the targets: they are standardised by their root mean square ``c``
+    (``diagnostics["target_scale"]``; no centring, as the GP has mean zero), the evidence is computed on
+    that scale and reported on the user's, ``log p(y) = log p(y / c) - N log c`` (``N = y.numel()``),
+    and the initial values of the variance sites (``"noise"`` and any ``"...outputscale"``) are read in
+    units of ``c²``. Fitting ``1e6 * y`` therefore follows the fit of ``y`` step for step. When round-off
+    breaks the Cholesky factor a growing diagonal jitter is retried; the jitter added to ``K + σ² I`` for
+    the reported evidence is ``diagnostics["cholesky_jitter"]`` (user scale, 0 when none was needed).
+
+    Convergence is reported as every iterative engine reports it: ``diagnostics["converged"]``, with
+    ``"gradient_norm"`` (of the log evidence over the unconstrained hyperparameters; converged when at
+    most 1e-3 per observation), ``"relative_change"`` (of the mean loss over the last tenth of the steps
+    against the tenth before; the test for a Monte-Carlo kernel), ``"num_iterations"`` and
+    ``"max_iterations"``. A fit that stopped before converging issues a
+    :class:`~bmm_ppl.inference.errors.ConvergenceWarning` naming what to change.
+
     Args:
-        num_steps: optimiser steps (L-BFGS: outer iterations of up to 20 evaluations).
+        num_steps: optimiser steps (L-BFGS: outer iterations of up to 20 evaluations); 0 evaluates the
+            evidence at the initial values (no convergence test).
         lr: learning rate.
         optimizer: ``"adam"`` or ``"lbfgs"``.
         num_evidence_draws: kernel draws averaged for the reported evidence when the kernel is random.
@@ -135,9 +235,9 @@ class GPEvidence:
         >>> from bmm_ppl.models.invariance import GPRegression
         >>> import gpytorch
         >>> x = torch.linspace(0, 1, 20, dtype=torch.float64).unsqueeze(-1); y = torch.sin(6 * x[:, 0])
-        >>> post = GPEvidence(num_steps=20, progress=False).fit(GPRegression(gpytorch.kernels.RBFKernel()), x, y)
-        >>> post.log_evidence.method.value, post.samples(3)["f"].shape
-        ('exact', torch.Size([3, 20]))
+        >>> post = GPEvidence(num_steps=20, optimizer="lbfgs", lr=1.0, progress=False).fit(GPRegression(gpytorch.kernels.RBFKernel()), x, y)
+        >>> post.log_evidence.method.value, post.samples(3)["f"].shape, post.diagnostics["converged"]
+        ('exact', torch.Size([3, 20]), True)
     """
 
     def __init__(self, num_steps: int = 200, lr: float = 0.05, optimizer: str | Optimizer = Optimizer.ADAM,
@@ -169,9 +269,26 @@ class GPEvidence:
             form = describe(*args, **kwargs)
             if form.targets is None:
                 raise ValueError("GPEvidence needs the observations: pass y")
+            if form.targets.numel() == 0:
+                raise ValueError("y is empty: GPEvidence needs at least one observation")
+            scale = self._target_scale(form.targets)
             store = pyro.get_param_store()
+            for name in list(store.keys()):
+                if _is_variance_site(name):
+                    store[name] = pyro.param(name).detach() * scale**2
             unconstrained = [value for _, value in store.named_parameters()]
-            losses = self._optimise(describe, args, kwargs, unconstrained)
+            num_observations = form.targets.numel()
+            shift = num_observations * math.log(scale)  # log p(y) = log p(y / c) - N log c
+
+            def standardised_loss():
+                form = describe(*args, **kwargs)
+                try:
+                    value, _ = standardised_log_evidence(form.covariance, form.noise, form.targets, scale)
+                except torch.linalg.LinAlgError as error:
+                    raise DivergenceError(f"the GP covariance lost positive definiteness during type-II: {error}") from error
+                return -value
+
+            losses = self._optimise(standardised_loss, unconstrained)
             with torch.no_grad():
                 forms = [describe(*args, **kwargs), describe(*args, **kwargs)]
                 stochastic = not torch.equal(forms[0].covariance, forms[1].covariance)
@@ -179,36 +296,91 @@ class GPEvidence:
                     forms += [describe(*args, **kwargs) for _ in range(self.num_evidence_draws - 2)]
                 else:
                     forms = forms[:1]
-                values = torch.stack([gaussian_log_evidence(f.covariance, f.noise, f.targets) for f in forms])
-                mean, scale = gaussian_process_posterior(forms[0].covariance, forms[0].noise, forms[0].targets)
+                try:
+                    evaluated = [standardised_log_evidence(f.covariance, f.noise, f.targets, scale) for f in forms]
+                    mean, posterior_scale = gaussian_process_posterior(forms[0].covariance, forms[0].noise, forms[0].targets)
+                except torch.linalg.LinAlgError as error:
+                    raise DivergenceError(f"the GP covariance is not positive definite at the learned hyperparameters: {error}") from error
+                values = torch.stack([value for value, _ in evaluated]) - shift
+                jitter = torch.stack([j for _, j in evaluated]).max() * scale**2
                 hyperparameters = {name: pyro.param(name).detach() for name in store.keys()}
+            convergence = self._convergence(standardised_loss, unconstrained, losses, stochastic, num_observations)
         if not torch.isfinite(values).all():
             raise DivergenceError("the exact GP evidence is not finite at the learned hyperparameters")
+        if unconstrained and self.num_steps > 0:
+            self._report_convergence(model, convergence, stochastic)
         stderr = float(values.std() / math.sqrt(len(values))) if stochastic else None
         shape = tuple(mean.shape)
         outputs = 1 if mean.dim() == 1 else shape[0]
-        factor = torch.block_diag(*([scale] * outputs)) if outputs > 1 else scale
+        factor = torch.block_diag(*([posterior_scale] * outputs)) if outputs > 1 else posterior_scale
         latents = GaussianLatents(mean.reshape(-1), factor, {form.latent_site: shape})
         return Posterior(
             model, args, kwargs,
             latent_distribution=latents,
             log_evidence=Evidence(float(values.mean()), stderr, "monte-carlo" if stochastic else "exact"),
             hyperparameters=hyperparameters,
-            loss_trace=losses,
+            loss_trace=None if losses is None else losses + shift,
             diagnostics={"stochastic_kernel": stochastic, "optimizer": self.optimizer.value,
-                         "num_steps": self.num_steps},
+                         "num_steps": self.num_steps, "target_scale": scale,
+                         "cholesky_jitter": float(jitter), **convergence},
             engine="GPEvidence",
         )
 
-    def _optimise(self, describe, args, kwargs, unconstrained) -> torch.Tensor:
-        from tqdm.auto import tqdm
+    @staticmethod
+    def _target_scale(targets: torch.Tensor) -> float:
+        """Root mean square of the targets (1 for all-zero targets): the unit the fit works in."""
+        if targets.device.type == "meta":
+            return 1.0
+        value = float(targets.detach().double().pow(2).mean().sqrt())
+        return value if math.isfinite(value) and value > 0 else 1.0
 
-        def loss_fn():
-            form = describe(*args, **kwargs)
-            try:
-                return -gaussian_log_evidence(form.covariance, form.noise, form.targets)
-            except torch.linalg.LinAlgError as error:
-                raise DivergenceError(f"the GP covariance lost positive definiteness during type-II: {error}") from error
+    def _convergence(self, loss_fn, unconstrained, losses, stochastic: bool, num_observations: int) -> dict:
+        """The convergence entries of ``diagnostics`` (gradient and loss-change tests)."""
+        iterations = 0 if losses is None else len(losses)
+        if not unconstrained:
+            return {"converged": True, "gradient_norm": 0.0, "relative_change": 0.0,
+                    "num_iterations": 0, "max_iterations": self.num_steps}
+        loss = loss_fn()
+        grads = torch.autograd.grad(loss, unconstrained, allow_unused=True)
+        gradient_norm = float(torch.sqrt(sum(g.pow(2).sum() for g in grads if g is not None)))
+        window = max(1, iterations // 10)
+        relative_change, change_ok = None, False
+        if iterations >= 2 * window and iterations >= 2:
+            last, before = losses[-window:].double(), losses[-2 * window:-window].double()
+            change = float((last.mean() - before.mean()).abs())
+            relative_change = change / max(1.0, float(last.mean().abs()))
+            noise = 0.0
+            if window > 1:
+                noise = 2 * math.sqrt(float(last.var()) / window + float(before.var()) / window)
+            change_ok = change <= noise + _STOCHASTIC_TOLERANCE * num_observations
+        if stochastic:
+            converged = change_ok
+        else:
+            converged = gradient_norm <= GRADIENT_TOLERANCE * num_observations
+        return {"converged": bool(converged), "gradient_norm": gradient_norm, "relative_change": relative_change,
+                "num_iterations": iterations, "max_iterations": self.num_steps}
+
+    def _report_convergence(self, model, convergence: dict, stochastic: bool) -> None:
+        if convergence["converged"]:
+            return
+        if stochastic:
+            test = f"the mean loss still changed by a relative {convergence['relative_change']:.3g} over the last tenth of the steps"
+        else:
+            test = f"gradient norm {convergence['gradient_norm']:.3g} of the log evidence"
+        if self.optimizer is Optimizer.ADAM:
+            advice = "raise num_steps or lr" + ("" if stochastic else ", or use optimizer='lbfgs' with lr=1.0")
+        else:
+            advice = "raise num_steps"
+        warnings.warn(
+            f"GPEvidence stopped after {convergence['num_iterations']} {self.optimizer.value} steps before "
+            f"converging ({test}) on {model!r}: {advice}",
+            ConvergenceWarning, stacklevel=3,
+        )
+
+    def _optimise(self, loss_fn, unconstrained) -> torch.Tensor | None:
+        """Minimises ``loss_fn`` (the standardised negative log evidence) over ``unconstrained``; returns
+        the trace of losses (on the standardised scale), or ``None`` when nothing is learned."""
+        from tqdm.auto import tqdm
 
         losses = []
         if not unconstrained or self.num_steps == 0:

@@ -18,6 +18,9 @@ _GRID_HALF_WIDTH = 25.0  # natural-log units either side of the data-scaled cent
 _GRID_POINTS = 101
 _BOUNDARY_STEP = math.log(1e3)
 _BOUNDARY_TOLERANCE = 1e-7  # nats: "no lower" allowing for round-off
+# Converged: |grad log p(y)| per observation below this, in units of the log-hyperparameters. At a
+# stationary point with curvature ~N a gradient of 1e-5 N leaves the evidence 1e-10 N nats from its top.
+GRADIENT_TOLERANCE = 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +35,11 @@ class TypeIIResult:
         limit_log_evidence: the evidence of the limiting model (e.g. ``alpha -> inf``: no signal) where
             it is known in closed form, else ``None``.
         num_iterations: L-BFGS function evaluations.
+        gradient_norm: Euclidean norm of the gradient of the log evidence over the learned
+            ``(log alpha, log beta)`` where the optimiser stopped.
+        converged: ``gradient_norm <= GRADIENT_TOLERANCE * max(1, N)`` (``N`` observations), the test
+            every type-II engine applies to its own objective.
+        iterations: L-BFGS iterations run (the cap is ``max_iter``).
     """
 
     alpha: torch.Tensor
@@ -40,6 +48,9 @@ class TypeIIResult:
     boundary: dict
     limit_log_evidence: float | None
     num_iterations: int
+    gradient_norm: float = 0.0
+    converged: bool = True
+    iterations: int = 0
 
 
 class _Sufficient:
@@ -71,7 +82,7 @@ class _Sufficient:
         return float(-0.5 * (nm * math.log(2 * math.pi) - nm * log_beta + beta * self.y2))
 
 
-def _lbfgs(objective, start: torch.Tensor, max_iter: int) -> tuple[torch.Tensor, int]:
+def _lbfgs(objective, start: torch.Tensor, max_iter: int) -> tuple[torch.Tensor, int, int]:
     theta = start.clone().requires_grad_(True)
     optimiser = torch.optim.LBFGS(
         [theta], lr=1.0, max_iter=max_iter, tolerance_grad=1e-11, tolerance_change=1e-15, line_search_fn="strong_wolfe"
@@ -86,7 +97,14 @@ def _lbfgs(objective, start: torch.Tensor, max_iter: int) -> tuple[torch.Tensor,
         return loss
 
     optimiser.step(closure)
-    return theta.detach(), evaluations[0]
+    iterations = optimiser.state[theta].get("n_iter", 0)
+    return theta.detach(), evaluations[0], iterations
+
+
+def _gradient_norm(objective, theta: torch.Tensor) -> float:
+    point = theta.detach().clone().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(objective(point), point)
+    return float(gradient.norm())
 
 
 def maximise_evidence(
@@ -143,8 +161,10 @@ def maximise_evidence(
     def negative(theta):
         return -stats.log_evidence(*unpack(theta))
 
-    theta, evaluations = _lbfgs(negative, start, max_iter)
+    theta, evaluations, iterations = _lbfgs(negative, start, max_iter)
     best = float(-negative(theta))
+    gradient_norm = _gradient_norm(negative, theta)
+    converged = gradient_norm <= GRADIENT_TOLERANCE * max(1, stats.n * stats.m)
 
     # Only "+inf" can be a supremum: as alpha -> 0 the evidence falls like (r/2) log alpha and as
     # beta -> 0 like (n/2) log beta, whereas alpha -> inf (no signal) and beta -> inf (interpolation,
@@ -162,7 +182,7 @@ def maximise_evidence(
                     full[others] = rest
                     return negative(full)
 
-                rest, _ = _lbfgs(profile, pushed[others], max_iter)
+                rest, _, _ = _lbfgs(profile, pushed[others], max_iter)
                 pushed[others] = rest
             if float(-negative(pushed)) >= best - _BOUNDARY_TOLERANCE * max(1.0, abs(best)):
                 boundary[name] = label
@@ -170,4 +190,4 @@ def maximise_evidence(
     if boundary.get("alpha") == "+inf":
         limit = stats.no_signal_log_evidence(None if beta is None else fixed_log["beta"])
     log_a, log_b = unpack(theta)
-    return TypeIIResult(log_a.exp(), log_b.exp(), best, boundary, limit, evaluations)
+    return TypeIIResult(log_a.exp(), log_b.exp(), best, boundary, limit, evaluations, gradient_norm, converged, iterations)
