@@ -36,6 +36,16 @@ class EvidenceMethod(StrEnum):
         return "estimate-of-log-evidence"
 
 
+class NonFiniteEvidenceError(ValueError):
+    """A log evidence came out as -inf, +inf or NaN. ``model`` names the model where it is known (set by
+    :func:`~bmm_ppl.selection.compare`); ``method`` is the evidence method."""
+
+    def __init__(self, message: str, method: str | None = None, model: str | None = None):
+        super().__init__(message)
+        self.method = method
+        self.model = model
+
+
 @dataclasses.dataclass(frozen=True)
 class Evidence:
     """A log evidence ``log p(data | model)``, a total over the data set (never a per-point mean).
@@ -50,6 +60,10 @@ class Evidence:
         Evidence(value=-12.5, stderr=None, method='exact')
         >>> Evidence(-13.0, 0.1, "elbo").is_lower_bound
         True
+        >>> Evidence(float("-inf"), method="elbo")
+        Traceback (most recent call last):
+        ...
+        bmm_ppl.inference.evidence.NonFiniteEvidenceError: log evidence (elbo) is -inf: ...
     """
 
     value: float
@@ -63,8 +77,17 @@ class Evidence:
             object.__setattr__(self, "stderr", float(self.stderr))
             if self.stderr < 0 or math.isnan(self.stderr):
                 raise ValueError(f"stderr must be a non-negative number, got {self.stderr}")
-        if math.isnan(self.value):
-            raise ValueError("Evidence value is NaN: the computation that produced it diverged")
+        if not math.isfinite(self.value):
+            # A log evidence is a finite number for any model that gives the data positive density; -inf
+            # (or NaN, or +inf) means the computation over- or underflowed, and ranking it would be silent
+            # nonsense (compare would give probabilities {nan, nan}).
+            what = "NaN" if math.isnan(self.value) else repr(self.value)
+            raise NonFiniteEvidenceError(
+                f"log evidence ({self.method.value}) is {what}: the computation that produced it overflowed or "
+                "diverged (data on an extreme scale, or a model that gives the data zero density); rescale the "
+                "data or check the model",
+                method=self.method.value,
+            )
 
     @property
     def is_lower_bound(self) -> bool:

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable
 
+import pyro
+import pyro.poutine as poutine
 import torch
+from torch.distributions import constraints
 
 from bmm_ppl.inference.evidence import Evidence
 from bmm_ppl.inference.latents import LatentDistribution, latent_distribution_from_state_dict
-from bmm_ppl.inference.program.runs import observed_values, pointwise_log_likelihood, predictive_draws
+from bmm_ppl.inference.program.runs import (
+    inspect_model,
+    observed_values,
+    pointwise_log_likelihood,
+    predictive_draws,
+    with_hyperparameters,
+)
 
 _FORMAT = "bmm_ppl.Posterior/1"
 
@@ -76,6 +86,7 @@ class Posterior:
         self.loss_trace = loss_trace
         self.diagnostics = dict(diagnostics or {})
         self.engine = engine
+        self._loaded_sites: dict | None = None  # the "sites" record of the save this was loaded from
 
     # ------------------------------------------------------------------ draws
     @property
@@ -173,11 +184,36 @@ class Posterior:
         return next(iter(self.latent_distribution.sample(1).values()))
 
     # ---------------------------------------------------------- persistence
+    def site_shapes(self) -> dict[str, tuple]:
+        """``{site: shape}`` of the latent sites this posterior holds (one draw's shape)."""
+        if self._draws is not None:
+            return {name: tuple(value.shape[2:]) for name, value in self._draws.items()}
+        return {name: tuple(shape) for name, shape in getattr(self.latent_distribution, "site_shapes", {}).items()}
+
+    def _site_records(self) -> dict:
+        """``{site: {"shape": [...], "support": str | None}}``: what a loader checks a model against.
+
+        Shapes come from the stored content; supports from one run of the model (with the RNG and the
+        parameter store left as they were), or from the save this posterior was loaded from.
+        """
+        supports = {}
+        if self.model is not None:
+            supports = _latent_supports(self.model, self.args, self.kwargs, self.hyperparameters)
+        elif self._loaded_sites:
+            supports = {name: record.get("support") for name, record in self._loaded_sites.items()}
+        return {
+            name: {"shape": list(shape), "support": supports.get(name)} for name, shape in self.site_shapes().items()
+        }
+
     def state_dict(self) -> dict:
-        """Tensors, numbers and strings only: ``torch.save`` it and read it back with ``weights_only=True``."""
+        """Tensors, numbers and strings only: ``torch.save`` it and read it back with ``weights_only=True``.
+
+        ``"sites"`` records each latent site's shape and support, so that a loader can check the draws and
+        the model it is given against them."""
         return {
             "format": _FORMAT,
             "engine": self.engine,
+            "sites": self._site_records(),
             "draws": self._draws,
             "latent_distribution": None if self.latent_distribution is None else self.latent_distribution.state_dict(),
             "log_evidence": None if self.log_evidence is None else self.log_evidence.to_dict(),
@@ -188,19 +224,120 @@ class Posterior:
         }
 
     def load_state_dict(self, state: dict) -> "Posterior":
-        """Replaces this posterior's fitted content with a saved one; the model and data stay."""
-        if state.get("format") != _FORMAT:
-            raise ValueError(f"not a saved Posterior (format {state.get('format')!r}, expected {_FORMAT!r})")
+        """Replaces this posterior's fitted content with a saved one; the model and data stay.
+
+        The saved content is checked for consistency first (every stored draw shaped ``(chain, draw,
+        *site_shape)`` with the recorded site shape), and, where this posterior has a model, the model
+        against the saved sites (see :meth:`check_model`); a mismatch raises ``ValueError`` naming the site.
+        """
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not a saved Posterior (format {found!r}, expected {_FORMAT!r})")
+        sites = state.get("sites")
+        draws = state["draws"]
+        if draws is not None:
+            _check_saved_draws(draws, sites)
         latent = state["latent_distribution"]
+        latent = None if latent is None else latent_distribution_from_state_dict(latent)
+        if latent is not None and sites is not None:
+            _check_saved_shapes("the latent distribution", getattr(latent, "site_shapes", {}), sites)
+        if draws is None and latent is None:
+            raise ValueError("the saved Posterior holds neither draws nor a latent distribution")
+        if draws is not None:
+            leading = tuple(next(iter(draws.values())).shape[:2]) if draws else None
+            for stat, value in (state["sample_stats"] or {}).items():
+                if leading is not None and tuple(value.shape[:2]) != leading:
+                    raise ValueError(
+                        f"saved sample_stats[{stat!r}] is shaped {tuple(value.shape)}, but the draws have "
+                        f"(chain, draw) = {leading}: the save was altered or is corrupt"
+                    )
         self.engine = state["engine"]
-        self._draws = state["draws"]
-        self.latent_distribution = None if latent is None else latent_distribution_from_state_dict(latent)
+        self._draws = draws
+        self.latent_distribution = latent
         self.log_evidence = None if state["log_evidence"] is None else Evidence.from_dict(state["log_evidence"])
         self.hyperparameters = dict(state["hyperparameters"])
         self.sample_stats = dict(state["sample_stats"])
         self.loss_trace = state["loss_trace"]
         self.diagnostics = dict(state["diagnostics"])
+        self._loaded_sites = None if sites is None else dict(sites)
+        if self.model is not None:
+            self.check_model()
         return self
+
+    def check_model(self) -> None:
+        """Checks that this posterior's model, run on its arguments, has exactly the latent sites held
+        here, with the same shapes and (where recorded) the same supports, that the stored draws lie in
+        the model's supports, and that every type-II hyperparameter is a ``pyro.param`` site of the model.
+
+        Raises:
+            ValueError: naming the first site that does not match.
+        """
+        model = self._model_or_raise()
+        hyperparameters = self.hyperparameters
+        model_name = getattr(model, "__name__", type(model).__name__)
+        try:
+            with _side_effect_free(self.args, self.kwargs):
+                # First without the saved hyperparameters: substituting a name the model lacks is the
+                # mismatch to report, not a warning from Pyro.
+                params = set(inspect_model(model, self.args, self.kwargs).param_sites)
+        except TypeError as error:
+            if self.args or self.kwargs:
+                raise
+            raise ValueError(
+                f"cannot check the model against the saved sites: calling it without arguments failed ({error}); "
+                "pass the data it was fitted to as args= / kwargs="
+            ) from error
+        for name in hyperparameters:
+            if "$$$" not in name and name not in params:
+                raise ValueError(
+                    f"the saved posterior has hyperparameter {name!r}, which is not a pyro.param site of the given "
+                    f"model {model_name} (its param sites: {sorted(params)})"
+                )
+        with _side_effect_free(self.args, self.kwargs):
+            structure = inspect_model(model, self.args, self.kwargs, hyperparameters)
+            trace = poutine.trace(with_hyperparameters(model, hyperparameters)).get_trace(*self.args, **self.kwargs)
+        saved = self.site_shapes()
+        fns = {name: trace.nodes[name]["fn"] for name in structure.latent_sites if name in trace.nodes}
+        # Discrete latent sites may be summed out by the engine (enumeration): they need no draws.
+        needed = [n for n in structure.latent_sites if not getattr(fns.get(n), "support", constraints.real).is_discrete]
+        # Sampling engines also store the pyro.deterministic sites' values with the draws.
+        model_shapes = {n: tuple(structure.sites[n].value_shape) for n in structure.latent_sites}
+        model_shapes.update({n: tuple(shape) for n, shape in structure.deterministic_sites.items()})
+        for name in saved:
+            if name not in model_shapes:
+                raise ValueError(
+                    f"the saved posterior has site {name!r}, which is not a latent site of the given model "
+                    f"{model_name} (its latent sites: {structure.latent_sites}); is this the model it was fitted to?"
+                )
+        for name in needed:
+            if name not in saved:
+                raise ValueError(
+                    f"the given model {model_name} has latent site {name!r}, which the saved posterior does not "
+                    f"hold (saved sites: {list(saved)}); is this the model it was fitted to?"
+                )
+        recorded = self._loaded_sites or {}
+        for name, shape in saved.items():
+            if model_shapes[name] != tuple(shape):
+                raise ValueError(
+                    f"site {name!r} has shape {model_shapes[name]} in the given model but {tuple(shape)} in the "
+                    "saved posterior; is this the model (and the data) it was fitted to?"
+                )
+            if name not in fns:
+                continue  # a deterministic record: no support of its own
+            support = fns[name].support
+            saved_support = (recorded.get(name) or {}).get("support")
+            if saved_support is not None and describe_support(support) != saved_support:
+                raise ValueError(
+                    f"site {name!r} has support {describe_support(support)} in the given model but "
+                    f"{saved_support} in the saved posterior; is this the model it was fitted to?"
+                )
+            if self._draws is not None:
+                value = self._draws[name]
+                if value.device.type != "meta" and not bool(_in_support(support, value)):
+                    raise ValueError(
+                        f"stored draws of site {name!r} lie outside its support {describe_support(support)} in "
+                        "the given model: the save was altered, or this is not the model it was fitted to"
+                    )
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes :meth:`state_dict` with ``torch.save``."""
@@ -211,8 +348,13 @@ class Posterior:
         cls, path: str | os.PathLike, model: Callable | None = None, args: tuple = (), kwargs: dict | None = None,
         map_location=None,
     ) -> "Posterior":
-        """Reads a saved posterior without unpickling code (``weights_only=True``); pass the model and data
-        to predict with it again."""
+        """Reads a saved posterior without unpickling code (``weights_only=True``).
+
+        Pass the model and the data it was fitted to (``args``, ``kwargs``) to predict with it again: the
+        model is then checked against the saved sites (names, shapes, supports; see :meth:`check_model`)
+        and a mismatch raises ``ValueError`` naming the site. The saved draws are checked against their
+        recorded shapes in any case.
+        """
         state = torch.load(path, map_location=map_location, weights_only=True)
         placeholder = cls(model, args, kwargs, draws={"_": torch.zeros(1, 1, device="cpu")})
         return placeholder.load_state_dict(state)
@@ -221,3 +363,78 @@ class Posterior:
         evidence = "none" if self.log_evidence is None else f"{self.log_evidence.value:.4g} ({self.log_evidence.method})"
         sites = list(self._draws) if self._draws else list(getattr(self.latent_distribution, "site_shapes", {}))
         return f"Posterior(engine={self.engine!r}, sites={sites}, log_evidence={evidence})"
+
+
+def describe_support(support: constraints.Constraint) -> str:
+    """A device-free description of a site's support, e.g. ``"Real"``, ``"GreaterThan(0.0)"``,
+    ``"Interval(0.0, 1.0)"``: the constraint's kind and its scalar bounds.
+
+    Example:
+        >>> describe_support(constraints.positive), describe_support(constraints.independent(constraints.real, 1))
+        ('GreaterThan(0.0)', 'Real')
+    """
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    kind = type(support).__name__.lstrip("_")
+    bounds = []
+    for attribute in ("lower_bound", "upper_bound"):
+        bound = getattr(support, attribute, None)
+        if isinstance(bound, (int, float)) or (isinstance(bound, torch.Tensor) and bound.numel() == 1):
+            bounds.append(repr(float(bound)))
+        elif bound is not None:
+            bounds.append("tensor")
+    return f"{kind}({', '.join(bounds)})" if bounds else kind
+
+
+def _in_support(support: constraints.Constraint, value: torch.Tensor) -> torch.Tensor:
+    # Site values carry their event dims; an independent constraint reduces over them itself.
+    return support.check(value).all()
+
+
+@contextlib.contextmanager
+def _side_effect_free(args: tuple, kwargs: dict):
+    """Runs inside leave the global RNG (CPU and the data's CUDA devices) and the parameter store as they
+    were: saving or checking a posterior must not change what the user's next draw is."""
+    tensors = [a for a in tuple(args) + tuple(kwargs.values()) if isinstance(a, torch.Tensor)]
+    cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda), pyro.get_param_store().scope():
+        yield
+
+
+def _latent_supports(model: Callable, args: tuple, kwargs: dict, hyperparameters: dict) -> dict[str, str]:
+    """``{latent site: describe_support(...)}`` from one side-effect-free run of the model."""
+    with _side_effect_free(args, kwargs):
+        structure = inspect_model(model, args, kwargs, hyperparameters)
+        trace = poutine.trace(with_hyperparameters(model, hyperparameters)).get_trace(*args, **kwargs)
+    return {n: describe_support(trace.nodes[n]["fn"].support) for n in structure.latent_sites if n in trace.nodes}
+
+
+def _check_saved_shapes(where: str, shapes: dict, sites: dict) -> None:
+    if set(shapes) != set(sites):
+        raise ValueError(
+            f"{where} holds sites {sorted(shapes)} but the save records {sorted(sites)}: the save was altered or is corrupt"
+        )
+    for name, shape in shapes.items():
+        recorded = tuple(sites[name]["shape"])
+        if tuple(shape) != recorded:
+            raise ValueError(
+                f"{where} gives site {name!r} shape {tuple(shape)}, but the save records {recorded}: the save was "
+                "altered or is corrupt"
+            )
+
+
+def _check_saved_draws(draws: dict, sites: dict | None) -> None:
+    leading = None
+    for name, value in draws.items():
+        if not isinstance(value, torch.Tensor) or value.dim() < 2:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"saved draws[{name!r}] must be shaped (chain, draw, *site_shape), got {shape}")
+        if leading is None:
+            leading = tuple(value.shape[:2])
+        elif tuple(value.shape[:2]) != leading:
+            raise ValueError(
+                f"saved draws[{name!r}] have (chain, draw) = {tuple(value.shape[:2])}, other sites {leading}: the "
+                "save was altered or is corrupt"
+            )
+    if sites is not None:
+        _check_saved_shapes("the saved draws", {n: tuple(v.shape[2:]) for n, v in draws.items()}, sites)

@@ -7,7 +7,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from bmm_ppl.inference.evidence import Evidence, EvidenceMethod
+from bmm_ppl.inference.evidence import Evidence, EvidenceMethod, NonFiniteEvidenceError
 from bmm_ppl.inference.posterior import Posterior
 
 
@@ -46,6 +46,15 @@ class Comparison:
         if any(p < 0 for p in prior.values()) or not math.isclose(sum(prior.values()), 1.0, rel_tol=1e-6):
             raise ValueError(f"prior must be non-negative model probabilities summing to 1, got {dict(prior)}")
         self.prior = dict(prior)
+        for name, post in self.posteriors.items():
+            value = post.log_evidence.value
+            if not math.isfinite(value):
+                raise NonFiniteEvidenceError(
+                    f"the log evidence of model {name!r} ({post.log_evidence.method.value}) is {value!r}: it "
+                    "overflowed or diverged, and cannot be ranked",
+                    method=post.log_evidence.method.value,
+                    model=name,
+                )
         _check_compatible({n: p.log_evidence for n, p in self.posteriors.items()})
 
     @property
@@ -55,8 +64,12 @@ class Comparison:
     @property
     def probabilities(self) -> dict[str, float]:
         """Posterior model probabilities ``p(model | data)`` from the log evidences and the model prior."""
+        # Log-sum-exp: relative to the best evidence first, so that evidences of any finite magnitude
+        # (-1e6 nats, say, where exp underflows to 0/0) give exact ratios.
+        best = max(e.value for n, e in self.evidences.items() if self.prior[n] > 0)
         logits = {
-            n: (e.value + math.log(self.prior[n])) if self.prior[n] > 0 else -math.inf for n, e in self.evidences.items()
+            n: (e.value - best) + math.log(self.prior[n]) if self.prior[n] > 0 else -math.inf
+            for n, e in self.evidences.items()
         }
         top = max(logits.values())
         weights = {n: math.exp(v - top) for n, v in logits.items()}
@@ -182,7 +195,16 @@ def compare(
     names = list(models)
 
     def fit(name):
-        return engine.fit(models[name], *args, **kwargs)
+        try:
+            return engine.fit(models[name], *args, **kwargs)
+        except NonFiniteEvidenceError as error:
+            raise NonFiniteEvidenceError(
+                f"the evidence of model {name!r} is not finite: {error}", method=error.method, model=name
+            ) from error
+        except Exception as error:
+            # Which of the models failed is the first thing a user needs; the error keeps its type.
+            error.add_note(f"(raised while compare fitted model {name!r})")
+            raise
 
     mapper = map if executor is None else executor.map
     posteriors = dict(zip(names, mapper(fit, names)))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bmm_ppl.inference import Evidence, Exact, Posterior
+from bmm_ppl.inference.evidence import NonFiniteEvidenceError
 from bmm_ppl.models import BayesianLinearRegression, polynomial_features
 from bmm_ppl.selection import Comparison, IncompatibleEvidenceError, compare
 
@@ -125,3 +126,60 @@ def test_compare_follows_the_data_device(meta_default_device):
     cmp = compare(degree_models(3), Exact(), x, y)
     assert cmp.best in range(4)
     assert cmp.predict(x, num_samples=10)["obs"].device.type == "cpu"
+
+
+# ------------------------------------------------ overflow and large magnitudes
+class ScalesTargets:
+    """An engine that fits each model exactly on targets multiplied by that model's own factor: a way to
+    have one model's evidence overflow while the other's is finite, on the same call."""
+
+    def __init__(self, factors):
+        self.factors = factors
+
+    def fit(self, model, x, y):
+        return Exact().fit(model, x, y * self.factors[model])
+
+
+def test_compare_names_the_model_whose_evidence_overflowed():
+    x = torch.linspace(-1, 1, 20, dtype=F64)
+    y = 1 + x
+    fine, overflowing = (BayesianLinearRegression(polynomial_features(d), 1.0, 1.0) for d in (1, 2))
+    # y * 1e160 squared is 1e320 > the float64 maximum: the exact evidence is -inf.
+    with pytest.raises(NonFiniteEvidenceError, match=r"model 'quadratic' is not finite: log evidence \(exact\) is -inf") as caught:
+        compare({"linear": fine, "quadratic": overflowing}, ScalesTargets({fine: 1.0, overflowing: 1e160}), x, y)
+    assert caught.value.model == "quadratic" and caught.value.method == "exact"
+    # Both overflowing: the first is named (today's answer was probabilities {nan, nan} and a "best").
+    with pytest.raises(NonFiniteEvidenceError, match="model 'linear'"):
+        compare({"linear": fine, "quadratic": overflowing}, Exact(), x, y * 1e160)
+
+
+def test_other_fit_errors_keep_their_type_and_name_the_model():
+    x = torch.linspace(-1, 1, 5, dtype=F64)
+    with pytest.raises(ValueError, match="different lengths") as caught:
+        compare(degree_models(1, 1.0, 1.0), Exact(), x, x[:4])
+    assert any("model 0" in note for note in caught.value.__notes__)
+
+
+def test_comparison_refuses_a_non_finite_evidence_by_model():
+    broken = Evidence(-1.0, None, "exact")
+    object.__setattr__(broken, "value", float("-inf"))  # what Evidence itself now refuses
+    posteriors = {
+        "a": Posterior(None, draws={"w": torch.zeros(1, 2)}, log_evidence=Evidence(-3.0, None, "exact")),
+        "b": Posterior(None, draws={"w": torch.zeros(1, 2)}, log_evidence=broken),
+    }
+    with pytest.raises(NonFiniteEvidenceError, match="model 'b'"):
+        Comparison(posteriors)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e6, 1e12, 1e300])
+def test_probabilities_are_exact_for_evidences_of_any_finite_magnitude(scale):
+    # exp(-1e6) underflows to 0, so a naive normalisation gives 0/0; the ratio of the two probabilities
+    # depends only on the difference of the evidences, 2 nats here (1e300 - 2 == 1e300 in float64,
+    # so at that scale the difference is a relative one).
+    gap = 2.0 if scale < 1e15 else 1e-2 * scale
+    values = {"a": -scale, "b": -scale - gap}
+    posteriors = {n: Posterior(None, draws={"w": torch.zeros(1, 1)}, log_evidence=Evidence(v)) for n, v in values.items()}
+    probs = Comparison(posteriors).probabilities
+    expected_b = math.exp(-gap) / (1 + math.exp(-gap))
+    assert abs(probs["b"] - expected_b) < 1e-12 and abs(probs["a"] + probs["b"] - 1) < 1e-12
+    assert Comparison(posteriors).best == "a"
