@@ -25,6 +25,18 @@ from tests.inference.test_posterior import stored_posterior
 F64 = dict(dtype=torch.float64, device="cpu")
 
 
+def group_names(data) -> set:
+    """The groups of ArviZ data on either ArviZ (0.2x ``InferenceData.groups()``, 1.x DataTree children)."""
+    return set(data.groups()) if ARVIZ_MAJOR < 1 else set(data.children)
+
+
+def arviz_loo_pit(data, name: str) -> np.ndarray:
+    """ArviZ's own LOO-PIT of one observed site, on either ArviZ."""
+    if ARVIZ_MAJOR < 1:
+        return np.asarray(az.loo_pit(data, y=name))
+    return az.loo_pit(data, var_names=[name])[name].values
+
+
 def sin_data(n=25):
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.rand(n, generator=g, **F64)
@@ -115,7 +127,7 @@ def test_nested_plates_give_a_pointwise_log_likelihood_per_cell_that_loo_pit_acc
     assert idata.log_likelihood["obs"].dims == ("chain", "draw", "groups", "items")
     expected = dist.Normal(draws["b"], 0.5).log_prob(y).numpy()  # Tensor[2, 200, 3, 4]
     np.testing.assert_allclose(idata.log_likelihood["obs"].values, expected, rtol=1e-12)
-    assert az.loo_pit(idata, y="obs").shape == (3, 4)
+    assert arviz_loo_pit(idata, "obs").shape == (3, 4)
 
 
 def test_sample_stats_take_arviz_names_from_legacy_and_current_engines():
@@ -167,7 +179,7 @@ def test_prior_groups_match_the_prior_at_the_fitted_hyperparameters():
 
 def test_prior_groups_are_skipped_on_request_and_refused_for_a_factor_term():
     idata = fitted().to_arviz(num_samples=10, num_prior_samples=0)
-    assert "prior" not in idata.groups() and "prior_predictive" not in idata.groups()
+    assert not {"prior", "prior_predictive"} & group_names(idata)
 
     def with_factor(y):
         mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, **F64), 1.0))
@@ -178,7 +190,7 @@ def test_prior_groups_are_skipped_on_request_and_refused_for_a_factor_term():
     post = Posterior(with_factor, (torch.zeros(4, **F64),), draws={"mu": torch.zeros(1, 10, **F64)})
     with pytest.warns(PriorSamplingWarning, match="penalty"):
         idata = post.to_arviz()
-    assert "prior" not in idata.groups() and "posterior" in idata.groups()
+    assert "prior" not in group_names(idata) and "posterior" in group_names(idata)
 
 
 # ------------------------------------------------------------ event-shaped observations
@@ -255,7 +267,7 @@ def test_loo_pit_is_arviz_loo_pit_for_sites_without_event_dims():
     w = post.samples(1000)["w"].reshape(2, 500, 4)  # two chains, so ArviZ's relative efficiency enters
     pyro.set_rng_seed(0)
     idata = Posterior(MODEL, (x, y), draws={"w": w}).to_arviz(num_prior_samples=0)
-    np.testing.assert_allclose(loo_pit(idata).values, np.asarray(az.loo_pit(idata, y="obs")), rtol=1e-12)
+    np.testing.assert_allclose(loo_pit(idata).values, arviz_loo_pit(idata, "obs"), rtol=1e-12)
 
 
 def test_to_event_observations_keep_one_log_likelihood_per_observation():
@@ -273,6 +285,30 @@ def test_to_event_observations_keep_one_log_likelihood_per_observation():
     np.testing.assert_allclose(idata.log_likelihood["obs"].values, expected, rtol=1e-10)
     pit = loo_pit(idata)
     assert pit.shape == (7, 3) and float(pit.min()) >= 0 and float(pit.max()) <= 1
+
+
+def test_conversion_creates_no_tensor_off_the_data_device():
+    # With the default device on "meta", any tensor made without the data's device would be a meta
+    # tensor and fail on conversion to numpy; all of them follow the CPU data.
+    post = fitted()
+    previous = torch.get_default_device()
+    torch.set_default_device("meta")
+    try:
+        idata = post.to_arviz(num_samples=20, num_prior_samples=20)
+    finally:
+        torch.set_default_device(previous)
+    assert np.isfinite(idata.prior["w"].values).all() and np.isfinite(idata.log_likelihood["obs"].values).all()
+
+
+@pytest.mark.gpu
+def test_cuda_posteriors_convert_like_cpu_ones():
+    x, y = sin_data()
+    cpu = Exact().fit(MODEL, x, y)
+    cuda = Exact().fit(MODEL, x.cuda(), y.cuda())
+    idata = cuda.to_arviz(num_samples=50, num_prior_samples=50)
+    assert idata.posterior_predictive["obs"].dims == ("chain", "draw", "data")
+    np.testing.assert_allclose(idata.observed_data["obs"].values, cpu.to_arviz(num_samples=5).observed_data["obs"].values)
+    assert idata.prior_predictive["obs"].shape == (1, 50, 25)
 
 
 # ------------------------------------------------------------------ earlier behaviour

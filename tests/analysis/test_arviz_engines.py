@@ -20,6 +20,7 @@ from bmm_ppl.analysis import loo_pit  # noqa: E402
 from bmm_ppl.analysis.arviz_convert import ARVIZ_MAJOR  # noqa: E402
 from bmm_ppl.inference import NUTS, SGLD, SVI, Exact  # noqa: E402
 from bmm_ppl.models import BayesianLinearRegression, polynomial_features  # noqa: E402
+from tests.analysis.test_arviz_convert import arviz_loo_pit, group_names  # noqa: E402
 
 ALPHA, BETA = 1.0, 25.0
 LINE = BayesianLinearRegression(polynomial_features(1), ALPHA, BETA)
@@ -87,7 +88,7 @@ def test_summary_loo_loo_pit_and_plot_ppc_run(idatas, name):
         # sds (a sampler bias, issue 15), which moves its elpd by several nats; not a conversion matter.
         assert abs(elpd(loo) - elpd(az.loo(idatas["exact"]["line"]))) < 0.6
     pit = loo_pit(idata)
-    np.testing.assert_allclose(pit.values, np.asarray(az.loo_pit(idata, y="obs")), rtol=1e-12)
+    np.testing.assert_allclose(pit.values, arviz_loo_pit(idata, "obs"), rtol=1e-12)
     assert pit.shape == (len(x),) and float(pit.min()) >= 0 and float(pit.max()) <= 1
     axes = az.plot_ppc(idata, num_pp_samples=50)
     assert np.size(axes) >= 1
@@ -120,7 +121,7 @@ def test_nuts_sample_stats_carry_arviz_names_and_lp_is_the_log_joint(fits, idata
 def test_sgld_and_svi_stats(idatas):
     stats = idatas["sgld"]["line"].sample_stats
     assert {"lp", "step_size"} <= set(stats.data_vars)
-    assert "sample_stats" not in idatas["svi"]["line"].groups()  # independent draws: no sampler stats
+    assert "sample_stats" not in group_names(idatas["svi"]["line"])  # independent draws: no sampler stats
 
 
 @THIRD_PARTY_PLOT
