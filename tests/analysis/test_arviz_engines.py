@@ -45,8 +45,9 @@ def engine(name):
         return NUTS(num_samples=400, warmup_steps=300, num_chains=4, progress=False)
     if name == "svi":
         return SVI(num_steps=1000, progress=False)
-    # A fixed step small enough for this posterior, thinned to keep ESS per chain > 100 (measured >= 270).
-    return SGLD(num_samples=500, warmup_steps=300, num_chains=2, lr=2e-3, thin=3, progress=False)
+    # A fixed step well inside the stable range (the largest curvature here is ~ BETA * n = 750, so
+    # lr * 750 ~ 0.4: a small discretisation bias), thinned to keep ESS per chain > 100 (measured ~150).
+    return SGLD(num_samples=500, warmup_steps=500, num_chains=2, lr=5e-4, thin=6, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +83,11 @@ def test_summary_loo_loo_pit_and_plot_ppc_run(idatas, name):
     expected = torch.distributions.Normal(w @ polynomial_features(1)(x).T, BETA**-0.5).log_prob(y)
     np.testing.assert_allclose(idata.log_likelihood["obs"].values, expected.numpy(), rtol=1e-10)
     loo = az.loo(idata)
-    if name != "sgld":
-        # NUTS and SVI (mean-field is near exact here: the coefficients are nearly uncorrelated) land
-        # near the exact posterior's PSIS-LOO: measured within 0.3 nats. SGLD's fixed step inflates its
-        # sds (a sampler bias, issue 15), which moves its elpd by several nats; not a conversion matter.
-        assert abs(elpd(loo) - elpd(az.loo(idatas["exact"]["line"]))) < 0.6
+    # Each engine's PSIS-LOO lands near the exact posterior's (elpd +0.31): measured NUTS -0.005, SVI
+    # (mean-field is near exact here: the coefficients are nearly uncorrelated) -0.10, SGLD -0.30 (its
+    # step's discretisation bias widens the posterior a little). A log-likelihood group off by a constant
+    # or a factor, or misaligned with the draws, would be off by nats.
+    assert abs(elpd(loo) - elpd(az.loo(idatas["exact"]["line"]))) < 0.6
     pit = loo_pit(idata)
     np.testing.assert_allclose(pit.values, arviz_loo_pit(idata, "obs"), rtol=1e-12)
     assert pit.shape == (len(x),) and float(pit.min()) >= 0 and float(pit.max()) <= 1
