@@ -18,15 +18,13 @@ import dataclasses
 import math
 from typing import Callable, Mapping
 
-import pyro
-import pyro.poutine as poutine
 import torch
-from pyro.poutine.util import site_is_subsample
-from torch.distributions import biject_to, constraints
+from torch.distributions import biject_to
 from tqdm.auto import tqdm
 
 from bmm_ppl._enums import StrEnum
 from bmm_ppl.inference.errors import DivergenceError, UnsupportedModelError
+from bmm_ppl.inference.program.functional_density import PyroDensity
 from bmm_ppl.selection.hypergradients import (
     HypergradientResult,
     InverseHVP,
@@ -216,86 +214,6 @@ def _elbo_objectives(density, start: Tensors, constrain, train: tuple, validatio
         return -(torch.logsumexp(per_particle, 0) - math.log(num_particles))
 
     return inner, outer, params
-
-
-class PyroDensity:
-    """A Pyro model's log joint and log-likelihood as pure functions of its latent sites' unconstrained
-    values, for :mod:`torch.func`. The model is traced once (inside a scoped param store) to find its
-    latent, observed and ``pyro.param`` sites.
-
-    Args:
-        model: a Pyro program.
-        args, kwargs: one set of its arguments (observations included) to trace it with.
-
-    Example:
-        >>> from bmm_ppl.models import BayesianLinearRegression
-        >>> density = PyroDensity(BayesianLinearRegression(alpha=None, beta=1.0), (torch.ones(3), torch.ones(3)))
-        >>> density.latent_sites, density.observed_sites, sorted(density.param_constraints)
-        (['w'], ['obs'], ['alpha'])
-    """
-
-    def __init__(self, model: Callable, args: tuple, kwargs: Mapping | None = None):
-        self.model = model
-        with pyro.get_param_store().scope():
-            trace = poutine.trace(model).get_trace(*args, **dict(kwargs or {}))
-        samples = {n: s for n, s in trace.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)}
-        # Conditioning on the latents marks them observed too: remember which sites the model observes.
-        self.observed_sites = [n for n, s in samples.items() if s["is_observed"]]
-        self.latent_sites = [n for n, s in samples.items() if not s["is_observed"]]
-        if not self.latent_sites:
-            raise UnsupportedModelError("the model has no latent sample sites: there is nothing to train")
-        if not self.observed_sites:
-            raise UnsupportedModelError("the model observed nothing; pass the observations with the data")
-        self.bijections = {n: biject_to(samples[n]["fn"].support) for n in self.latent_sites}
-        self.initial = {n: samples[n]["value"].detach() for n in self.latent_sites}
-        params = {n: s for n, s in trace.nodes.items() if s["type"] == "param"}
-        self.param_constraints = {n: s["kwargs"].get("constraint", constraints.real) for n, s in params.items()}
-        self.param_values = {n: s["value"].detach() for n, s in params.items()}
-
-    def unconstrain(self, latents: Mapping[str, torch.Tensor]) -> Tensors:
-        """Unconstrained values of the latents (the traced prior draw for those not given)."""
-        return {n: self.bijections[n].inv(latents.get(n, self.initial[n]).detach()) for n in self.latent_sites}
-
-    def constrain(self, unconstrained: Mapping[str, torch.Tensor]) -> Tensors:
-        return {n: self.bijections[n](unconstrained[n]) for n in unconstrained}
-
-    def trace(self, unconstrained: Tensors, param_values: Tensors, args: tuple, kwargs: Mapping | None = None, observations: bool = True):
-        """One run of the model at the given latents and ``pyro.param`` values; ``observations=False``
-        leaves the observed sites out of the trace (for the prior alone)."""
-        conditioned = poutine.condition(poutine.substitute(self.model, data=param_values), data=self.constrain(unconstrained))
-        if not observations:
-            conditioned = poutine.block(conditioned, hide=self.observed_sites)
-        with pyro.get_param_store().scope():
-            return poutine.trace(conditioned).get_trace(*args, **dict(kwargs or {}))
-
-    def log_joint(
-        self, unconstrained: Tensors, param_values: Tensors, args: tuple, kwargs: Mapping | None = None, observations: bool = True
-    ) -> torch.Tensor:
-        """``log p(observations, latents)`` plus the log-Jacobian of the unconstraining map (the prior
-        alone with ``observations=False``)."""
-        trace = self.trace(unconstrained, param_values, args, kwargs, observations)
-        jacobian = sum(
-            self.bijections[n].log_abs_det_jacobian(unconstrained[n], trace.nodes[n]["value"]).sum() for n in unconstrained
-        )
-        return site_log_prob_sum(trace) + jacobian
-
-    def log_likelihood(self, unconstrained: Tensors, param_values: Tensors, args: tuple, kwargs: Mapping | None = None) -> torch.Tensor:
-        """``log p(observations | latents)``: the observed sites only."""
-        return site_log_prob_sum(self.trace(unconstrained, param_values, args, kwargs), only=set(self.observed_sites))
-
-
-def site_log_prob_sum(trace, only: set[str] | None = None) -> torch.Tensor:
-    """``sum log p`` over a trace's sample sites (scaled and masked as Pyro does), or over the sites named
-    in ``only``. Written out rather than ``trace.log_prob_sum()`` so that it runs under ``torch.func``."""
-    total = 0.0
-    for name, site in trace.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site) or (only is not None and name not in only):
-            continue
-        log_prob = site["fn"].log_prob(site["value"])
-        if site.get("mask") is not None:
-            log_prob = log_prob.masked_fill(~site["mask"], 0.0) if isinstance(site["mask"], torch.Tensor) else log_prob * float(site["mask"])
-        total = total + site["scale"] * log_prob.sum()
-    return total
 
 
 def per_parameter_weight_decay(params: Mapping[str, torch.Tensor], log_decays: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -47,7 +47,8 @@ from bmm_ppl.inference.errors import DivergenceError
 from bmm_ppl.inference.evidence import Evidence
 from bmm_ppl.inference.program.runs import pointwise_log_likelihood
 from bmm_ppl.inference.posterior import Posterior
-from bmm_ppl.selection.bilevel import FunctionalAdam, PyroDensity
+from bmm_ppl.inference.program.functional_density import PyroDensity
+from bmm_ppl.selection.bilevel import FunctionalAdam
 from bmm_ppl.validation import check_same_device, check_same_length, check_tensor
 
 _NEWTON_STEPS = 5  # exact in one step for a quadratic log joint; the others converge non-quadratic ones (logistic: 2 were too few)

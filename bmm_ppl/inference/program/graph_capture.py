@@ -442,4 +442,69 @@ def _on_static_runtime(scripted, example_args):
     return static if same else scripted
 
 
-__all__ = ["capture", "capture_with_graph", "graph_size", "is_capturing", "simplify", "trace_function"]
+def agrees(value: torch.Tensor, reference: torch.Tensor, rtol: float = 1e-5) -> bool:
+    """Equal up to rounding: ``|value - reference| <= rtol (|reference| + max |reference|)`` elementwise (a
+    sum's rounding error scales with its largest terms, so small entries get the large ones' absolute
+    tolerance); non-finite entries must match exactly.
+
+    Example:
+        >>> agrees(torch.tensor([1.0, 1e-9]), torch.tensor([1.0, 0.0])), agrees(torch.ones(1), 2 * torch.ones(1))
+        (True, False)
+    """
+    if value.shape != reference.shape:
+        return False
+    finite = torch.isfinite(reference)
+    largest = float(reference[finite].abs().max()) if bool(finite.any()) else 0.0
+    return bool(torch.allclose(value, reference, rtol=rtol, atol=rtol * largest + 1e-12, equal_nan=True))
+
+
+def capture_checked(fn: Callable, example_args: Sequence[torch.Tensor], probe_args: Sequence[torch.Tensor],
+                    reference: Callable, rtol: float = 1e-5, seed: int | None = None, with_graph: bool = False):
+    """``fn`` captured at ``example_args`` (:func:`capture_with_graph`, with Pyro's argument validation off
+    and warnings silenced while recording) and trusted only if, at ``probe_args``, every output
+    :func:`agrees` with ``reference(*probe_args)`` (the eager computation; ``None`` outputs of the
+    reference count as zeros). The one place where engines capture a graph and check it.
+
+    Args:
+        seed: for stochastic functions (an ELBO): both are run from this seed, so they draw the same
+            random numbers; the caller's random state is left as it was.
+        with_graph: also return the simplified ``make_fx`` graph.
+
+    Returns:
+        the captured function (``(captured, graph)`` with ``with_graph``), or ``None`` where ``fn`` cannot
+        be captured (it raised while recording, e.g. on value-dependent control flow) or disagrees.
+
+    Example:
+        >>> f = capture_checked(lambda x: (x.exp(),), [torch.zeros(2)], [torch.ones(2)], lambda x: (x.exp(),))
+        >>> f(torch.ones(2))[0]
+        tensor([2.7183, 2.7183])
+    """
+    import pyro
+
+    probe_args = list(probe_args)
+    devices = sorted({a.device for a in probe_args if a.device.type == "cuda"}, key=str)
+    try:
+        with pyro.validation_enabled(False), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            captured, graph = capture_with_graph(fn, list(example_args))
+        with torch.random.fork_rng(devices=devices):
+            if seed is not None:
+                torch.manual_seed(seed)
+            got = captured(*probe_args)
+            if seed is not None:
+                torch.manual_seed(seed)
+            expected = reference(*probe_args)
+    except Exception:  # noqa: BLE001 - a function that cannot be captured runs eagerly
+        return None
+    got, expected = tuple(got), tuple(expected)
+    if len(got) != len(expected):
+        return None
+    for a, b in zip(got, expected):
+        b = torch.zeros_like(a) if b is None else b.detach()
+        if not agrees(a, b, rtol):
+            return None
+    return (captured, graph) if with_graph else captured
+
+
+__all__ = ["agrees", "capture", "capture_checked", "capture_with_graph", "graph_size", "is_capturing", "simplify",
+           "trace_function"]

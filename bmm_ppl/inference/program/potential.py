@@ -15,11 +15,15 @@ from typing import Callable
 
 import pyro
 import pyro.poutine as poutine
-from pyro.poutine.util import site_is_factor, site_is_subsample
+from pyro.poutine.util import site_is_subsample
 import torch
 from torch.distributions import biject_to
 
 from bmm_ppl.inference.errors import UnsupportedModelError
+from bmm_ppl.inference.program.batching import to_outer_plate, under_outer_plate
+from bmm_ppl.inference.program.enumeration import draw_discrete, marginal_log_joint
+from bmm_ppl.inference.program.log_density import log_density
+from bmm_ppl.inference.program.sites import guess_max_plate_nesting, is_enumerated_site, is_latent_site, trace_under
 
 _CHAIN_PLATE = "_bmm_chains"
 
@@ -40,21 +44,24 @@ class LatentSite:
         return math.prod(self.unconstrained_shape)
 
 
-def _sum_to_batch(value: torch.Tensor, batch: int) -> torch.Tensor:
-    return value.reshape(batch, -1).sum(-1)
-
-
 class ModelPotential:
     """The potential energy of a Pyro model's continuous latent sites over one flat unconstrained vector.
 
     Args:
-        model: a Pyro program, run as ``model(*args, **kwargs)``; every latent site must be continuous and
-            the model must have no ``pyro.param`` sites (fix them or give them hyperpriors).
+        model: a Pyro program, run as ``model(*args, **kwargs)``; every latent site must be continuous (or
+            discrete with finite support, which is refused here by name) and the model must have no
+            ``pyro.param`` sites (fix them or give them hyperpriors).
         args, kwargs: the data.
+        allow_subsample: accept plates with ``subsample_size`` (a stochastic potential: right for SG-MCMC,
+            whose gradient is stochastic anyway; refused for HMC/NUTS, whose target must be fixed).
 
     Attributes:
         sites: the :class:`LatentSite` list in flat-vector order; ``dim`` the flat size.
         vectorised: whether a batch of points is evaluated in one run of the model.
+        max_plate_nesting: the program's batch dimensions (plates and sites' batch shapes).
+
+    Raises:
+        UnsupportedModelError: before any work, naming the site and the feature.
 
     Example:
         >>> import pyro.distributions as dist
@@ -67,45 +74,27 @@ class ModelPotential:
         (1, torch.Size([2]))
     """
 
-    def __init__(self, model: Callable, args: tuple = (), kwargs: dict | None = None):
+    def __init__(self, model: Callable, args: tuple = (), kwargs: dict | None = None, allow_subsample: bool = False):
         self.model = model
         self.args = tuple(args)
         self.kwargs = dict(kwargs or {})
         with pyro.get_param_store().scope():
             trace = poutine.trace(model).get_trace(*self.args, **self.kwargs)
-        params = [n for n, s in trace.nodes.items() if s["type"] == "param"]
-        if params:
-            raise UnsupportedModelError(
-                f"the model has pyro.param sites {params}, which a sampler cannot learn: fix them (a number) "
-                f"or give them hyperpriors (a distribution), or fit them by type-II with Exact/SVI"
-            )
-        sites, offset, batch_dims = [], 0, 0
+        check_sampler_support(trace, allow_subsample=allow_subsample)
+        self.max_plate_nesting = guess_max_plate_nesting(trace)
+        self.enumerated = tuple(n for n, site in trace.nodes.items() if is_enumerated_site(site))
+        sites, offset = [], 0
         for name, site in trace.nodes.items():
-            if site["type"] != "sample" or site_is_subsample(site):
-                continue
-            for frame in site["cond_indep_stack"]:
-                if frame.dim is not None:
-                    batch_dims = max(batch_dims, -frame.dim)
-            if site["is_observed"] or site["infer"].get("_deterministic") or site_is_factor(site):
+            if not is_latent_site(site) or name in self.enumerated:
                 continue
             fn = site["fn"]
-            batch_dims = max(batch_dims, len(fn.batch_shape))
-            support = fn.support
-            if support.is_discrete or getattr(fn, "has_enumerate_support", False):
-                raise UnsupportedModelError(
-                    f"site {name!r} is discrete; gradient-based samplers need continuous latent sites "
-                    f"(marginalise it out in the model)"
-                )
-            transform = biject_to(support)
+            transform = biject_to(fn.support)
             value_shape = tuple(site["value"].shape)
             unconstrained_shape = tuple(transform.inv.forward_shape(value_shape))
             sites.append(LatentSite(name, value_shape, len(fn.event_shape), unconstrained_shape, offset, transform))
             offset += math.prod(unconstrained_shape)
-        if not sites:
-            raise UnsupportedModelError("the model has no latent sample sites to sample")
         self.sites = sites
         self.dim = offset
-        self._batch_dims = batch_dims
         example = trace.nodes[sites[0].name]["value"]
         self.dtype, self.device = example.dtype, example.device
         self.vectorised = True
@@ -130,7 +119,7 @@ class ModelPotential:
         for site in self.sites:
             raw = flat[:, site.offset: site.offset + site.size].reshape((batch,) + site.unconstrained_shape)
             value = site.transform(raw)
-            log_det = log_det + _sum_to_batch(site.transform.log_abs_det_jacobian(raw, value), batch)
+            log_det = log_det + site.transform.log_abs_det_jacobian(raw, value).reshape(batch, -1).sum(-1)
             values[site.name] = value
         return values, log_det
 
@@ -139,75 +128,40 @@ class ModelPotential:
         """``log p(data, values)``: Tensor[B] for ``values = {site: Tensor[B, *value_shape]}``.
 
         ``data = (args, kwargs)`` replaces the fitted data (a minibatch; for its ``n / batch_size`` scaling
-        see :func:`~bmm_ppl.inference.program.minibatch.with_observed_scale`).
+        see :func:`~bmm_ppl.inference.program.minibatch.with_observed_scale`). Masks and scales apply
+        (:func:`~bmm_ppl.inference.program.log_density.log_density`); Pyro's argument validation is off
+        (a sampler's excursion outside the support comes back as an infinite potential, not an exception).
         """
         args, kwargs = data if data is not None else (self.args, self.kwargs)
         batch = next(iter(values.values())).shape[0]
+        if self.enumerated and not self.vectorised:
+            return torch.stack([marginal_log_joint(self.model, {n: v[i] for n, v in values.items()}, args, kwargs,
+                                                   self.max_plate_nesting) for i in range(batch)])
         if not self.vectorised:
-            rows = []
-            for i in range(batch):
-                rows.append(self._log_joint_one({n: v[i] for n, v in values.items()}, args, kwargs))
+            rows = [log_density(trace_under(self.model, args, kwargs, {n: v[i] for n, v in values.items()}))
+                    for i in range(batch)]
             return torch.stack(rows)
-        plate_dim = -self._batch_dims - 1
-        reshaped = {}
-        for site in self.sites:
-            site_dims = len(site.value_shape) - site.event_dim
-            pad = (1,) * (self._batch_dims - site_dims)
-            reshaped[site.name] = values[site.name].reshape((batch,) + pad + site.value_shape)
-
-        def batched(*a, **k):
-            with pyro.plate(_CHAIN_PLATE, batch, dim=plate_dim, device=self.device):
-                return self.model(*a, **k)
-
-        # Argument validation is off while evaluating: the data were validated when the model was first
-        # traced, and a sampler's excursions (exp underflowing to 0 in a divergent trajectory) must come back
-        # as an infinite potential, not an exception.
+        nesting = self.max_plate_nesting
+        reshaped = {s.name: to_outer_plate(values[s.name], s.value_shape, s.event_dim, nesting) for s in self.sites}
+        if self.enumerated:
+            return marginal_log_joint(self.model, reshaped, args, kwargs, nesting, batch, self.device)
+        batched = under_outer_plate(self.model, _CHAIN_PLATE, batch, nesting, self.device)
         with pyro.validation_enabled(False):
-            trace = poutine.trace(poutine.condition(batched, data=reshaped)).get_trace(*args, **kwargs)
-        total = values[self.sites[0].name].new_zeros(batch)
-        keep = -plate_dim  # dims from the chain dim to the right
-        for site in trace.nodes.values():
-            if site["type"] != "sample" or site_is_subsample(site):
-                continue
-            log_prob = site["fn"].log_prob(site["value"])
-            mask = site["mask"]
-            if mask is not None:
-                if isinstance(mask, torch.Tensor):
-                    log_prob = log_prob.masked_fill(~mask.bool(), 0.0)
-                elif not mask:
-                    continue
-            if site["scale"] is not None:
-                log_prob = log_prob * site["scale"]
-            total = total + self._per_batch(log_prob, batch, keep)
-        return total
+            trace = trace_under(batched, args, kwargs, reshaped)
+            return log_density(trace, batch, nesting)
 
-    @staticmethod
-    def _per_batch(log_prob: torch.Tensor, batch: int, keep: int) -> torch.Tensor:
-        if log_prob.dim() < keep:
-            return log_prob.sum().expand(batch)
-        per = log_prob.sum(tuple(range(log_prob.dim() - keep + 1, log_prob.dim()))) if keep > 1 else log_prob
-        per = per.reshape(-1)
-        if per.numel() == 1:
-            return per.expand(batch)
-        if per.numel() != batch:
-            raise ValueError(f"a log-density of shape {tuple(log_prob.shape)} does not separate over {batch} points")
-        return per
-
-    def _log_joint_one(self, value, args, kwargs) -> torch.Tensor:
-        conditioned = poutine.condition(self.model, data=value)
-        with pyro.validation_enabled(False):
-            trace = poutine.trace(conditioned).get_trace(*args, **kwargs)
-        total = 0.0
-        for site in trace.nodes.values():
-            if site["type"] == "sample" and not site_is_subsample(site):
-                total = total + site["fn"].log_prob(site["value"]).mul(site["scale"]).sum()
-        return total
+    def discrete_draws(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Draws of the enumerated sites from their conditional posterior given each continuous point
+        (:func:`~bmm_ppl.inference.program.enumeration.draw_discrete`): ``{site: Tensor[B, *shape]}`` for
+        ``values = {site: Tensor[B, *value_shape]}`` (empty when nothing is enumerated)."""
+        return draw_discrete(self.model, self.args, self.kwargs, values, self.enumerated)
 
     def __call__(self, flat: torch.Tensor, data: tuple | None = None) -> torch.Tensor:
         """``U(flat)``: Tensor[B] potential energy (negative log joint with Jacobian) at ``flat: Tensor[B, dim]``
         (``data``: a minibatch, see :meth:`log_joint`)."""
         values, log_det = self._unpack(flat)
-        return -(self.log_joint(values, data) + log_det)
+        with pyro.validation_enabled(False):
+            return -(self.log_joint(values, data) + log_det)
 
     def potential_and_grad(self, flat: torch.Tensor, data: tuple | None = None):
         """``(U: Tensor[B], dU/dflat: Tensor[B, dim])``; each point's gradient is its own."""
@@ -236,6 +190,49 @@ class ModelPotential:
         return bool(torch.equal(finite, torch.isfinite(batched))) and bool(
             torch.allclose(batched[finite], looped[finite], rtol=1e-4, atol=1e-4)
         )
+
+
+def check_sampler_support(trace, allow_subsample: bool = False) -> None:
+    """Refuses, by site and feature, what a sampler over a fixed continuous target cannot run.
+
+    Raises:
+        UnsupportedModelError: ``pyro.param`` sites; discrete latent sites; plates with
+            ``subsample_size`` (unless ``allow_subsample``); no latent site at all.
+    """
+    params = [n for n, s in trace.nodes.items() if s["type"] == "param"]
+    if params:
+        raise UnsupportedModelError(
+            f"the model has pyro.param sites {params}, which a sampler cannot learn: fix them (a number) "
+            f"or give them hyperpriors (a distribution), or fit them by type-II with Exact/SVI"
+        )
+    if not allow_subsample:
+        for name, site in trace.nodes.items():
+            if site["type"] == "sample" and site_is_subsample(site) and site["value"].numel() < site["fn"].size:
+                raise UnsupportedModelError(
+                    f"plate {name!r} has subsample_size={site['value'].numel()} of {site['fn'].size}: a "
+                    f"subsampled plate makes the target stochastic (a fresh subsample at every evaluation), which "
+                    f"HMC/NUTS cannot sample; remove subsample_size (the full plate) or use SGLD/SVI"
+                )
+    latent, enumerated = [], []
+    for name, site in trace.nodes.items():
+        if not is_latent_site(site):
+            continue
+        if is_enumerated_site(site):
+            enumerated.append(name)
+            if site["fn"].support.is_discrete and not getattr(site["fn"], "has_enumerate_support", False):
+                raise UnsupportedModelError(
+                    f"site {name!r} is marked for enumeration but its {type(site['fn']).__name__} support is not finite"
+                )
+            continue  # summed out by enumeration
+        if site["fn"].support.is_discrete:
+            raise UnsupportedModelError(
+                f"site {name!r} is discrete with an unbounded support ({type(site['fn']).__name__}); gradient-based "
+                f"samplers need continuous latent sites or discrete ones with finite support (enumerated out)"
+            )
+        latent.append(name)
+    if not latent:
+        summed = f" (its discrete sites {enumerated} are summed out)" if enumerated else ""
+        raise UnsupportedModelError(f"the model has no continuous latent sample sites to sample{summed}")
 
 
 # ---------------------------------------------------------------------------- helpers for engine wrappers
@@ -285,24 +282,12 @@ def captured_potential_graph(potential: "ModelPotential", example: torch.Tensor)
     """As :func:`compiled_potential_and_grad`: ``(scripted, graph)`` or ``None``, where ``graph`` is the
     simplified ``make_fx`` graph of the same function (aten operations only: cheap to record again inside
     a larger captured function, such as a NUTS leaf)."""
-    import warnings
-
-    from bmm_ppl.inference.program.graph_capture import capture_with_graph
+    from bmm_ppl.inference.program.graph_capture import capture_checked
 
     generator = torch.Generator(device=example.device).manual_seed(0)  # leaves the global RNG alone
     probe = example + torch.randn(example.shape, generator=generator, dtype=example.dtype, device=example.device) * 0.5
-    reference_value, reference_grad = potential.potential_and_grad(probe)
-    try:
-        with warnings.catch_warnings(), pyro.validation_enabled(False):
-            warnings.simplefilter("ignore")
-            scripted, graph = capture_with_graph(functional_potential_and_grad(potential), [example])
-            value, grad = scripted(probe)
-    except Exception:  # noqa: BLE001 - a model that cannot be captured runs eagerly
-        return None
-    agrees = torch.allclose(value, reference_value, rtol=1e-5, atol=1e-6, equal_nan=True) and torch.allclose(
-        grad, reference_grad, rtol=1e-5, atol=1e-6, equal_nan=True
-    )
-    return (scripted, graph) if agrees else None
+    return capture_checked(functional_potential_and_grad(potential), [example], [probe],
+                           potential.potential_and_grad, with_graph=True)
 
 
 def functional_potential_and_grad(potential: "ModelPotential"):
@@ -325,11 +310,13 @@ def functional_potential_and_grad(potential: "ModelPotential"):
 def constrained_draws(potential: "ModelPotential", flat: torch.Tensor) -> dict[str, torch.Tensor]:
     """``{site: Tensor[C, S, *value_shape]}`` for every latent site and ``pyro.deterministic`` site, from
     unconstrained draws ``flat: Tensor[C, S, D]``."""
-    from bmm_ppl.inference.program.runs import inspect_model, predictive_draws
+    from bmm_ppl.inference.program.runs import predictive_draws
+    from bmm_ppl.inference.program.sites import inspect_model
 
     chains, per_chain, dim = flat.shape
     with torch.no_grad():
         values = potential.constrain(flat.reshape(chains * per_chain, dim))
+        values.update(potential.discrete_draws(values))
         structure = inspect_model(potential.model, potential.args, potential.kwargs)
         if structure.deterministic_sites:
             extra = predictive_draws(potential.model, potential.args, potential.kwargs, values)

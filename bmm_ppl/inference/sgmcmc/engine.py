@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from bmm_ppl._enums import StrEnum
 from bmm_ppl.inference.errors import DivergenceError
 from bmm_ppl.inference.program.minibatch import (
-    DataSplit,
+    DataArguments,
     compiled_minibatch_potential_and_grad,
     eager_minibatch_potential_and_grad,
 )
@@ -129,7 +129,7 @@ class SGLD:
         check_model(model)
         args, kwargs = prepare_data(args, kwargs, self.device)
         with pyro.get_param_store().scope():
-            potential = ModelPotential(model, args, kwargs)
+            potential = ModelPotential(model, args, kwargs, allow_subsample=self.batch_size is None)
             data_size = self._data_size(args, kwargs)
             z, _, _ = uniform_init(potential.potential_and_grad, self.num_chains, potential.dim, potential.dtype,
                                    potential.device)
@@ -159,8 +159,8 @@ class SGLD:
             split, scale, batches = None, 1.0, itertools.repeat(())
             example = probe = ()
         else:
-            split, scale = DataSplit.of(potential.args, potential.kwargs, data_size), data_size / self.batch_size
-            tensors = split.tensors(potential.args, potential.kwargs)
+            split, scale = DataArguments(potential.args, potential.kwargs, size=data_size), data_size / self.batch_size
+            tensors = split.tensors
             batches = self._shuffled_batches(tensors, data_size, z.device)
             size = self.batch_size
             example = tuple(t[:size] for t in tensors)

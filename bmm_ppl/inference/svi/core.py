@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from typing import Callable
 
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.poutine.util import site_is_subsample
 
 from bmm_ppl._enums import StrEnum
+from bmm_ppl.inference.program.batching import under_outer_plate
+from bmm_ppl.inference.program.log_density import site_log_prob, sum_keeping_batch
+from bmm_ppl.inference.program.sites import is_sample_site
 
 PARTICLE_PLATE = "_bmm_particles"
 
@@ -48,22 +49,16 @@ def learning_rate(step: int, num_steps: int, lr: float, schedule: Schedule, fina
 
 
 def vectorised(fn: Callable, num_particles: int, max_plate_nesting: int, device) -> Callable:
+    """``fn`` under an outer plate of ``num_particles`` particles (``fn`` itself for one particle)."""
     if num_particles == 1:
         return fn
-
-    def wrapped(*args, **kwargs):
-        with pyro.plate(PARTICLE_PLATE, num_particles, dim=-max_plate_nesting - 1, device=device):
-            return fn(*args, **kwargs)
-
-    return wrapped
+    return under_outer_plate(fn, PARTICLE_PLATE, num_particles, max_plate_nesting, device)
 
 
 def per_particle(log_prob: torch.Tensor, num_particles: int, max_plate_nesting: int) -> torch.Tensor:
-    """Sums a site's (scaled) log-density over the model's plates, keeping the particle dimension."""
-    if num_particles == 1 or log_prob.dim() <= max_plate_nesting:
-        return log_prob.sum()
-    dims = tuple(range(log_prob.dim() - max_plate_nesting, log_prob.dim()))
-    return log_prob.sum(dims).reshape(-1) if dims else log_prob.reshape(-1)
+    """Sums a site's (scaled) log-density over the model's batch dimensions, keeping the particle dimension
+    (a scalar for one particle)."""
+    return sum_keeping_batch(log_prob, None if num_particles == 1 else num_particles, max_plate_nesting)
 
 
 def traced_log_weights(
@@ -77,6 +72,8 @@ def traced_log_weights(
 ) -> tuple[torch.Tensor, torch.Tensor, poutine.Trace, poutine.Trace]:
     """``log p(x, z) - log q(z)`` per particle ``z ~ q`` (one vectorised run), and the score-function term.
 
+    Masks and scales apply as in every engine (:func:`~bmm_ppl.inference.program.log_density.site_log_prob`).
+
     Returns:
         ``(log_weights, score, model_trace, guide_trace)``: ``log_weights`` is Tensor[P] (a scalar when
         ``P == 1``); ``score`` sums ``log q`` over the guide sites that cannot be reparameterised, per
@@ -86,15 +83,14 @@ def traced_log_weights(
     model_run = vectorised(model, num_particles, max_plate_nesting, device)
     guide_trace = poutine.trace(guide_run).get_trace(*args, **kwargs)
     model_trace = poutine.trace(poutine.replay(model_run, trace=guide_trace)).get_trace(*args, **kwargs)
-    model_trace.compute_log_prob()
-    guide_trace.compute_log_prob()
+    batch = None if num_particles == 1 else num_particles
     log_weights, score = 0.0, 0.0
     for site in model_trace.nodes.values():
-        if site["type"] == "sample" and not site_is_subsample(site):
-            log_weights = log_weights + per_particle(site["log_prob"], num_particles, max_plate_nesting)
+        if is_sample_site(site):
+            log_weights = log_weights + sum_keeping_batch(site_log_prob(site, model_trace), batch, max_plate_nesting)
     for site in guide_trace.nodes.values():
-        if site["type"] == "sample" and not site_is_subsample(site):
-            log_q = per_particle(site["log_prob"], num_particles, max_plate_nesting)
+        if is_sample_site(site):
+            log_q = sum_keeping_batch(site_log_prob(site, guide_trace), batch, max_plate_nesting)
             log_weights = log_weights - log_q
             if not getattr(site["fn"], "has_rsample", False):
                 score = score + log_q
@@ -238,7 +234,7 @@ def compile_loss_and_gradients(objective: Callable, state: SVIState, inputs: tup
     """
     from torch.distributions import transform_to
 
-    from bmm_ppl.inference.program.graph_capture import capture
+    from bmm_ppl.inference.program.graph_capture import capture_checked
 
     if not state.names or any("$$$" in name for name in state.names):
         return None
@@ -269,24 +265,14 @@ def compile_loss_and_gradients(objective: Callable, state: SVIState, inputs: tup
         return (loss, *gradients)
 
     example = [p.detach() for p in state.params] + list(inputs)
-    device = example[0].device
-    try:
-        with pyro.validation_enabled(False), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            graph = capture(loss_and_gradients, example)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(0)
-            got = graph(*example)
-            torch.manual_seed(0)
-            loss = objective(*inputs)
-            expected = (loss, *torch.autograd.grad(loss, state.params, allow_unused=True))
-    except Exception:  # noqa: BLE001 - an objective that cannot be captured runs as before
+
+    def eager(*_):
+        loss = objective(*inputs)
+        return (loss, *torch.autograd.grad(loss, state.params, allow_unused=True))
+
+    graph = capture_checked(loss_and_gradients, example, example, eager, rtol=1e-4, seed=0)
+    if graph is None:
         return None
-    for a, b in zip(got, expected):
-        b = torch.zeros_like(a) if b is None else b.detach()
-        scale = float(b.abs().max()) if b.numel() else 0.0
-        if not torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(scale, 1.0), equal_nan=True):
-            return None
     params = tuple(state.params)
 
     def run(*batch):

@@ -8,7 +8,6 @@ import pyro
 import pyro.poutine as poutine
 import torch
 import torch.utils.data
-from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
 from bmm_ppl.inference.svi import core as svi_core
@@ -16,8 +15,10 @@ from bmm_ppl.inference.errors import DivergenceError, UnsupportedModelError
 from bmm_ppl.inference.svi.guides import GuideLatents, is_point_mass, resolve_guide
 from bmm_ppl.inference.svi.iwae import elbo_from_weights, log_importance_weights, streamed_log_importance_weights
 from bmm_ppl.inference.posterior import Posterior
+from bmm_ppl.inference.program.sites import guess_max_plate_nesting, is_latent_site
 from bmm_ppl.inference.svi.core import Schedule
-from bmm_ppl.inference.svi.data import DataArguments, LoaderPasses, ScaleInPlate, minibatches
+from bmm_ppl.inference.program.minibatch import DataArguments, ScaleInPlate, data_plate
+from bmm_ppl.inference.svi.data import LoaderPasses, minibatches
 from bmm_ppl.validation import check_tensor, prepare_data
 
 _CHECK_EVERY = 100  # steps between divergence checks (each one synchronises with the device once)
@@ -45,17 +46,6 @@ def _optimizer_factory(optimizer, lr: float) -> Callable:
     if callable(optimizer):
         return lambda params: optimizer(params, lr=lr)
     raise TypeError("optimizer must be a torch.optim class, its name, or a callable (params, lr) -> Optimizer")
-
-
-def _plate_depth(*traces) -> int:
-    depth = 0
-    for trace in traces:
-        for site in trace.nodes.values():
-            if site["type"] == "sample":
-                for frame in site["cond_indep_stack"]:
-                    if frame.vectorized and frame.dim is not None:
-                        depth = max(depth, -frame.dim)
-    return depth
 
 
 class SVI:
@@ -163,7 +153,7 @@ class SVI:
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
         latent, missing = {}, []
         for name, site in model_trace.nodes.items():
-            if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+            if not is_latent_site(site):
                 continue
             latent[name] = tuple(site["value"].shape)
             if name not in guide_trace.nodes:
@@ -174,23 +164,7 @@ class SVI:
                 f"guide site of the same name (autoguides cover them all)"
             )
         model_params = [n for n, s in model_trace.nodes.items() if s["type"] == "param"]
-        return _plate_depth(model_trace, guide_trace), latent, model_params, model_trace
-
-    @staticmethod
-    def _data_plate(model_trace, num_data: int) -> str:
-        names = {
-            frame.name
-            for site in model_trace.nodes.values()
-            if site["type"] == "sample" and site["is_observed"]
-            for frame in site["cond_indep_stack"]
-            if frame.size == num_data and frame.vectorized
-        }
-        if len(names) != 1:
-            raise ValueError(
-                f"batch_size needs the observations inside exactly one pyro.plate over the data's {num_data} "
-                f"rows; found {sorted(names) or 'none'}"
-            )
-        return names.pop()
+        return guess_max_plate_nesting(model_trace, guide_trace), latent, model_params, model_trace
 
     # -------------------------------------------------------------------- fit
     def fit(self, model: Callable, *args, **kwargs) -> Posterior:
@@ -222,7 +196,7 @@ class SVI:
             train_model, batches = model, None
             if self.batch_size is not None:
                 num_data = data.tensors[0].shape[0]
-                plate = self._data_plate(model_trace, num_data)
+                plate = data_plate(model_trace, num_data)
                 train_model = ScaleInPlate(plate, num_data / self.batch_size)(model)
                 batches = minibatches(num_data, self.batch_size, device)
 
@@ -279,7 +253,7 @@ class SVI:
         with pyro.get_param_store().scope() as param_state:
             nesting, latent_shapes, model_params, model_trace = self._structure(model, guide, first, {})
             batch_length = next(t.shape[0] for t in first if isinstance(t, torch.Tensor))
-            plate = self._data_plate(model_trace, batch_length)
+            plate = data_plate(model_trace, batch_length)
             local = [n for n in latent_shapes if any(f.name == plate for f in model_trace.nodes[n]["cond_indep_stack"])]
             if local:
                 raise UnsupportedModelError(f"streaming from a DataLoader needs global latents only; {local} are local")

@@ -15,9 +15,10 @@ from typing import Callable, Iterable
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.poutine.util import site_is_subsample
 
 from bmm_ppl.inference.evidence import Evidence
+from bmm_ppl.inference.program.log_density import site_log_prob
+from bmm_ppl.inference.program.sites import is_sample_site
 from bmm_ppl.inference.svi.guides import GuideLatents, is_point_mass
 from bmm_ppl.inference.svi.core import per_particle, vectorised, traced_log_weights
 
@@ -141,16 +142,14 @@ def streamed_log_importance_weights(
                 if first_batch:
                     guide_run = vectorised(guide, size, max_plate_nesting, device)
                     guide_trace = poutine.trace(guide_run).get_trace(*batch)
-                    guide_trace.compute_log_prob()
                     for site in _sample_sites(guide_trace):
-                        total = total - per_particle(site["log_prob"], size, max_plate_nesting)
+                        total = total - per_particle(site_log_prob(site, guide_trace), size, max_plate_nesting)
                 model_run = vectorised(model, size, max_plate_nesting, device)
                 trace = poutine.trace(poutine.replay(model_run, trace=guide_trace)).get_trace(*batch)
-                trace.compute_log_prob()
                 for site in _sample_sites(trace):
                     # global sites count once, data sites once per batch
                     if first_batch or any(frame.name == data_plate for frame in site["cond_indep_stack"]):
-                        total = total + per_particle(site["log_prob"], size, max_plate_nesting)
+                        total = total + per_particle(site_log_prob(site, trace), size, max_plate_nesting)
             if guide_trace is None:
                 raise ValueError("the data loader yielded no batches")
             chunks.append(total.reshape(-1).expand(size) if total.numel() == 1 else total.reshape(-1))
@@ -159,4 +158,4 @@ def streamed_log_importance_weights(
 
 
 def _sample_sites(trace):
-    return [s for s in trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
+    return [s for s in trace.nodes.values() if is_sample_site(s)]

@@ -311,7 +311,7 @@ def test_bad_models_and_data():
 
 def test_observed_scale_multiplies_the_likelihood_not_the_prior():
     # poutine.condition marks the latent values as observed too: only the data may be scaled by n / b.
-    from bmm_ppl.inference.program.minibatch import with_observed_scale
+    from bmm_ppl.inference.program.minibatch import with_data_scale
     from bmm_ppl.inference.program.potential import ModelPotential
 
     def model(y):
@@ -323,7 +323,7 @@ def test_observed_scale_multiplies_the_likelihood_not_the_prior():
     potential = ModelPotential(model, (y,))
     z = torch.tensor([[0.4], [-0.7]], dtype=torch.float64)
     batch = y[:2]
-    got = with_observed_scale(potential, 2.0)(z, data=((batch,), {}))
+    got = with_data_scale(potential, 4, 2.0)(z, data=((batch,), {}))
     prior = dist.Normal(0.0, 2.0).log_prob(z[:, 0])
     likelihood = dist.Normal(z, 1.0).log_prob(batch).sum(-1)
     torch.testing.assert_close(got, -(prior + 2.0 * likelihood))

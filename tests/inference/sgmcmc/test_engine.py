@@ -168,7 +168,7 @@ def test_jit_full_data_steps_match_the_model():
 
 def test_captured_minibatch_potential_is_the_scaled_batch_likelihood_plus_prior():
     # U(z) = -(n/b) sum_batch log N(y_i | m, s) - log N(m | 0, 3) - log LogNormal(s | 0, 1) - log s  (s = exp z_s)
-    from bmm_ppl.inference.program.minibatch import DataSplit, compiled_minibatch_potential_and_grad
+    from bmm_ppl.inference.program.minibatch import DataArguments, compiled_minibatch_potential_and_grad
     from bmm_ppl.inference.program.potential import ModelPotential
 
     y = torch.linspace(-2.0, 3.0, 12, dtype=torch.float64)
@@ -181,7 +181,7 @@ def test_captured_minibatch_potential_is_the_scaled_batch_likelihood_plus_prior(
             pyro.sample("obs", dist.Normal(m + offset, s), obs=y)
 
     potential = ModelPotential(model, (y, offset))
-    split = DataSplit.of((y, offset), {}, 12)
+    split = DataArguments((y, offset), {}, size=12)
     assert split.positions == (0,)
     n, b = 12, 4
     example = torch.zeros(2, 2, dtype=torch.float64)

@@ -12,7 +12,7 @@ from bmm_ppl.inference import DivergenceError, Exact, Posterior
 from bmm_ppl.inference.svi.guides import GuideLatents, StoredDrawLatents, resolve_guide
 from bmm_ppl.inference.svi.iwae import iwae_bound
 from bmm_ppl.inference.svi.engine import SVI
-from bmm_ppl.inference.svi.data import ScaleInPlate
+from bmm_ppl.inference.program.minibatch import ScaleInPlate
 from bmm_ppl.inference.svi import core as svi_core
 from bmm_ppl.models import BayesianLinearRegression, polynomial_features
 
