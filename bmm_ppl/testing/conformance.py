@@ -65,15 +65,19 @@ ORACLES: dict[str, Callable[..., Oracle]] = {
 }
 
 
+def effective_sample_sizes(draws: torch.Tensor) -> torch.Tensor:
+    """ArviZ's bulk ESS of each entry of ``draws: Tensor[chain, draw, *shape]``: Tensor[prod(shape)] (CPU)."""
+    import arviz as az
+
+    flat = draws.detach().to("cpu", torch.float64).reshape(draws.shape[0], draws.shape[1], -1).numpy()
+    ess = [float(az.ess(flat[:, :, j], method="bulk")) for j in range(flat.shape[-1])]
+    return torch.tensor(ess, dtype=torch.float64, device="cpu")
+
+
 def _effective_sample_sizes(posterior: Posterior, site: str, num_samples: int) -> torch.Tensor:
     if not posterior.has_stored_draws:
         return None
-    import arviz as az
-
-    draws = posterior.draws()[site].detach().to("cpu", torch.float64)
-    flat = draws.reshape(draws.shape[0], draws.shape[1], -1).numpy()
-    ess = [float(az.ess(flat[:, :, j], method="bulk")) for j in range(flat.shape[-1])]
-    return torch.tensor(ess, dtype=torch.float64, device="cpu")
+    return effective_sample_sizes(posterior.draws()[site])
 
 
 def check_moments(posterior: Posterior, oracle: Oracle, num_samples: int = 4000, sd_tolerance: float = 0.1) -> dict:
@@ -110,20 +114,24 @@ def check_moments(posterior: Posterior, oracle: Oracle, num_samples: int = 4000,
 
 def check_log_evidence(posterior: Posterior, oracle: Oracle, evidence_tolerance: float = 0.1) -> float | None:
     """Checks the posterior's log evidence against the exact one as its method promises; returns the error."""
-    evidence = posterior.log_evidence
-    if evidence is None:
+    if posterior.log_evidence is None:
         return None
-    exact = oracle.exact.log_evidence.value
+    return log_evidence_error(posterior.log_evidence, oracle.exact.log_evidence.value, evidence_tolerance, oracle.name)
+
+
+def log_evidence_error(evidence, exact: float, evidence_tolerance: float = 0.1, name: str = "model") -> float:
+    """``evidence.value - exact``, after checking it as ``evidence.method`` promises (see the module
+    docstring); raises ``AssertionError`` starting with ``name`` when the check fails."""
     error = evidence.value - exact
     stderr = evidence.stderr or 0.0
     if evidence.method is EvidenceMethod.EXACT:
-        assert abs(error) < 1e-6, f"{oracle.name}: exact evidence off by {error:.3g} nats"
+        assert abs(error) < 1e-6, f"{name}: exact evidence off by {error:.3g} nats"
     elif evidence.is_lower_bound:
-        assert error <= 3 * stderr + 1e-9, f"{oracle.name}: {evidence.method.value} bound exceeds the evidence by {error:.3g} nats"
-        assert error > -evidence_tolerance - 3 * stderr, f"{oracle.name}: {evidence.method.value} bound is {-error:.3g} nats below"
+        assert error <= 3 * stderr + 1e-9, f"{name}: {evidence.method.value} bound exceeds the evidence by {error:.3g} nats"
+        assert error > -evidence_tolerance - 3 * stderr, f"{name}: {evidence.method.value} bound is {-error:.3g} nats below"
     elif evidence.method is not EvidenceMethod.TRAINING_SPEED:
         assert abs(error) < evidence_tolerance + 3 * stderr, (
-            f"{oracle.name}: {evidence.method.value} evidence off by {error:.3g} nats (stderr {stderr:.3g})"
+            f"{name}: {evidence.method.value} evidence off by {error:.3g} nats (stderr {stderr:.3g})"
         )
     return error
 

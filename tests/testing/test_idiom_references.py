@@ -10,11 +10,10 @@ import pyro.distributions as dist
 import pytest
 import scipy.stats
 import torch
-from pyro.infer.autoguide.initialization import InitMessenger, init_to_uniform
-from torch.distributions import biject_to
 
 from bmm_ppl.testing.idioms import PYRO_IDIOMS, Grid, quadrature_moments
 from bmm_ppl.testing.idioms import references as ref
+from bmm_ppl.testing.idioms.references import trace_program
 from bmm_ppl.testing.idioms import structure, supports
 
 Normal = torch.distributions.Normal
@@ -42,20 +41,10 @@ def test_the_suite_has_at_least_25_programs_and_covers_issue_14():
         assert idiom in features, idiom
 
 
-def _initial_value(site):
-    """A value for any site: ImproperUniform cannot be sampled, and init_to_uniform samples for the shape."""
-    fn = site["fn"]
-    if isinstance(fn, dist.ImproperUniform):
-        return biject_to(fn.support)(torch.zeros(fn.batch_shape + fn.event_shape, dtype=torch.float64))
-    return fn.sample() if fn.support.is_discrete else init_to_uniform(site)
-
-
 @pytest.mark.parametrize("name", sorted(PYRO_IDIOMS))
 def test_reference_sites_exist_with_the_traced_shapes(name):
     program = PYRO_IDIOMS[name]()
-    with InitMessenger(_initial_value), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Singular sample detected", UserWarning)  # torch's Wishart, see below
-        trace = pyro.poutine.trace(program.model).get_trace(*program.args, **program.kwargs)
+    trace = trace_program(program)
     assert program.reference
     for site, moments in program.reference.items():
         assert site in trace.nodes, site

@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Callable
 
+import pyro
+import pyro.distributions
+import pyro.poutine as poutine
 import torch
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_uniform
+from torch.distributions import biject_to
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,10 +28,13 @@ class SiteMoments:
         mean, sd: Tensor[*site_shape]. An entry whose ``mean`` is NaN is not checked (e.g. a direction
             the posterior leaves improper); an entry with ``sd == 0`` is a constant and must be matched
             to ``1e-6`` relative.
+        discrete: the site takes discrete values (an enumerated assignment): its mean is a probability
+            and its sd follows from it, so only the mean is checked.
     """
 
     mean: torch.Tensor
     sd: torch.Tensor
+    discrete: bool = False
 
     def __post_init__(self):
         if self.mean.shape != self.sd.shape:
@@ -71,11 +80,28 @@ class IdiomProgram:
                 return value
             return value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device=device)
 
-        reference = {name: SiteMoments(move(m.mean), move(m.sd)) for name, m in self.reference.items()}
+        reference = {name: dataclasses.replace(m, mean=move(m.mean), sd=move(m.sd)) for name, m in self.reference.items()}
         return dataclasses.replace(
             self, args=tuple(move(a) for a in self.args), kwargs={k: move(v) for k, v in self.kwargs.items()},
             reference=reference,
         )
+
+
+def _initial_value(site):
+    # Pyro's samplers start at init_to_uniform, which samples for the shape; ImproperUniform cannot sample.
+    fn = site["fn"]
+    if isinstance(fn, pyro.distributions.ImproperUniform):
+        return biject_to(fn.support)(torch.zeros(fn.batch_shape + fn.event_shape))
+    return fn.sample() if fn.support.is_discrete else init_to_uniform(site)
+
+
+def trace_program(program: IdiomProgram) -> poutine.Trace:
+    """One trace of the program, its latent sites started as Pyro's samplers start them (also for
+    ``ImproperUniform``, which cannot be sampled), without touching the global param store."""
+    with pyro.get_param_store().scope(), InitMessenger(_initial_value), warnings.catch_warnings():
+        # torch 2.x's Wishart.sample warns "Singular sample detected" for every non-singular draw.
+        warnings.filterwarnings("ignore", "Singular sample detected", UserWarning)
+        return poutine.trace(program.model).get_trace(*program.args, **program.kwargs)
 
 
 # ------------------------------------------------------------------------------------ closed forms
@@ -230,6 +256,7 @@ def quadrature_moments(
         values = value_of(grid.points)
         w = weights.reshape((-1,) + (1,) * (values.dim() - 1))
         mean = (w * values).sum(0)
-        variance = (w * (values - mean) ** 2).sum(0).clamp_min(0)
-        moments[name] = SiteMoments(mean, variance.sqrt())
+        variance = (w * (values - mean) ** 2).sum(0)
+        constant = (values == values[:1]).all(0)  # exactly 0, not a rounding error's 1e-8
+        moments[name] = SiteMoments(mean, torch.where(constant, torch.zeros_like(variance), variance.clamp_min(0).sqrt()))
     return moments, float(log_z) + grid.log_cell_volume

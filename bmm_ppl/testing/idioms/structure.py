@@ -1,7 +1,9 @@
 """Idiom programs about a program's structure: conjugate pairs, masks, scales, plates, batch shapes,
 ``.to_event``, ``pyro.deterministic`` and ``pyro.param``, each with its closed-form posterior.
 
-Every builder returns an :class:`~bmm_ppl.testing.idioms.references.IdiomProgram` in float64 on the
+The posteriors are close to Gaussian in the coordinates engines work in (enough data for every
+site), so that an approximate engine (a Gaussian guide) can match them: the suite tests how a program
+is read, not how good an approximating family is. Every builder returns an :class:`~bmm_ppl.testing.idioms.references.IdiomProgram` in float64 on the
 CPU (``program.to(dtype, device)`` moves it); the models are written as Pyro's documentation writes
 them, and create their constants from the data (``y.new_tensor``), so they follow its device and dtype.
 """
@@ -50,9 +52,9 @@ def _beta_binomial_model(trials, successes):
 
 
 def beta_binomial() -> IdiomProgram:
-    """Beta-Binomial (interval support (0, 1)): ``p ~ Beta(2, 3)``, 8 groups of 10 trials."""
-    trials = torch.full((8,), 10.0, dtype=torch.float64)
-    successes = torch.tensor([3.0, 4.0, 2.0, 5.0, 3.0, 4.0, 3.0, 2.0], dtype=torch.float64)
+    """Beta-Binomial (interval support (0, 1)): ``p ~ Beta(2, 3)``, 24 groups of 10 trials."""
+    trials = torch.full((24,), 10.0, dtype=torch.float64)
+    successes = torch.tensor([3.0, 4.0, 2.0, 5.0, 3.0, 4.0, 3.0, 2.0] * 3, dtype=torch.float64)
     ref = beta_posterior(2.0, 3.0, successes.sum(), trials.sum())
     return IdiomProgram("beta_binomial", "conjugate Beta-Binomial; interval support (Beta)", _beta_binomial_model,
                         (trials, successes), {"p": ref},
@@ -66,8 +68,8 @@ def _gamma_poisson_model(counts):
 
 
 def gamma_poisson() -> IdiomProgram:
-    """Gamma-Poisson (positive support): ``rate ~ Gamma(3, 1)``, 15 counts."""
-    counts = torch.tensor([4.0, 3, 6, 2, 5, 4, 4, 7, 3, 2, 5, 4, 6, 3, 4], dtype=torch.float64)
+    """Gamma-Poisson (positive support): ``rate ~ Gamma(3, 1)``, 45 counts."""
+    counts = torch.tensor([4.0, 3, 6, 2, 5, 4, 4, 7, 3, 2, 5, 4, 6, 3, 4] * 3, dtype=torch.float64)
     ref, log_z = gamma_poisson_posterior(3.0, 1.0, counts)
     return IdiomProgram("gamma_poisson", "conjugate Gamma-Poisson; positive support (Gamma)", _gamma_poisson_model,
                         (counts,), {"rate": ref}, log_evidence=log_z, step_scale=0.12)
@@ -161,11 +163,12 @@ def obs_mask() -> IdiomProgram:
     values = gaussian_data(11, 2.0, 1.0, 14)
     observed = torch.arange(14) % 7 != 3
     y = torch.where(observed, values, torch.zeros_like(values))  # Pyro ignores the values at missing entries
-    mu, log_z = normal_mean_posterior(0.0, 2.0, values[observed], 1.0)
+    mu, _ = normal_mean_posterior(0.0, 2.0, values[observed], 1.0)
     nan = torch.full_like(values, float("nan"))
     missing = SiteMoments(torch.where(observed, nan, mu.mean), torch.where(observed, nan, (1 + mu.sd**2).sqrt()))
+    # No evidence: the masked-out entries of y_unobserved make the joint improper.
     return IdiomProgram("obs_mask", "obs_mask (partially observed site)", _obs_mask_model, (y, observed),
-                        {"mu": mu, "y_unobserved": missing}, log_evidence=log_z, step_scale=0.28)
+                        {"mu": mu, "y_unobserved": missing}, step_scale=0.28)
 
 
 def _nested_plates_model(y):
@@ -206,8 +209,8 @@ def _batch_latent_model(trials, successes):
 
 def batch_latent() -> IdiomProgram:
     """A latent site with batch shape ``[3]`` outside any plate (``Beta(a: Tensor[3], b)``)."""
-    trials = torch.tensor([30.0, 30.0, 30.0], dtype=torch.float64)
-    successes = torch.tensor([6.0, 15.0, 24.0], dtype=torch.float64)
+    trials = torch.tensor([100.0, 100.0, 100.0], dtype=torch.float64)
+    successes = torch.tensor([22.0, 50.0, 76.0], dtype=torch.float64)
     a = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
     p = beta_posterior(a, 2.0, successes, trials)
     log_z = sum(beta_binomial_log_evidence(a[j], 2.0, successes[j:j + 1], trials[j:j + 1]) for j in range(3))
@@ -221,12 +224,12 @@ def _broadcast_model(data):
 
 
 def broadcast_observations() -> IdiomProgram:
-    """Observations ``[25, 3]`` broadcast against ``Bernoulli(p: Tensor[3])`` with no plate."""
+    """Observations ``[80, 3]`` broadcast against ``Bernoulli(p: Tensor[3])`` with no plate."""
     generator = torch.Generator(device="cpu").manual_seed(14)
-    data = (torch.rand(25, 3, generator=generator, dtype=torch.float64) < torch.tensor([0.2, 0.5, 0.7])).double()
-    n = torch.full((3,), 25.0, dtype=torch.float64)
+    data = (torch.rand(80, 3, generator=generator, dtype=torch.float64) < torch.tensor([0.25, 0.5, 0.7])).double()
+    n = torch.full((3,), 80.0, dtype=torch.float64)
     p = beta_posterior(2.0, 2.0, data.sum(0), n)
-    log_z = sum(beta_binomial_log_evidence(2.0, 2.0, data[:, j], torch.ones(25, dtype=torch.float64)) for j in range(3))
+    log_z = sum(beta_binomial_log_evidence(2.0, 2.0, data[:, j], torch.ones(80, dtype=torch.float64)) for j in range(3))
     return IdiomProgram("broadcast_observations", "observations broadcast without a plate", _broadcast_model,
                         (data,), {"p": p}, log_evidence=log_z, step_scale=0.4)
 

@@ -155,9 +155,9 @@ def _uniform_model(y):
 
 
 def uniform_interval() -> IdiomProgram:
-    """Interval support: ``theta ~ Uniform(0, 2)`` with data near the upper end (a truncated normal
-    posterior). Reference: 1-D quadrature over (0, 2)."""
-    y = gaussian_data(25, 1.7, 1.0, 8)
+    """Interval support: ``theta ~ Uniform(0, 2)``, 20 points, posterior about 3 sds below the upper
+    end (a slightly truncated normal). Reference: 1-D quadrature over (0, 2)."""
+    y = gaussian_data(25, 1.3, 1.0, 20)
     moments, log_z = quadrature_moments(lambda p: _gaussian_log_likelihood(y, p[:, 0], 1.0) - math.log(2.0),
                                         Grid.box([(0.0, 2.0)], 4000), {"theta": lambda p: p[:, 0]})
     return IdiomProgram("uniform_interval", "interval support (Uniform)", _uniform_model, (y,), moments,
@@ -219,8 +219,8 @@ def _normal_gamma_model(y):
 
 def normal_gamma() -> IdiomProgram:
     """Normal-Gamma (positive precision, a prior that depends on a latent): ``tau ~ Gamma(2, 2)``,
-    ``mu | tau ~ N(0.5, 1 / (2 tau))``, 15 points ``y_i ~ N(mu, 1 / tau)``; closed form."""
-    y = gaussian_data(29, 1.0, 0.7, 15)
+    ``mu | tau ~ N(0.5, 1 / (2 tau))``, 40 points ``y_i ~ N(mu, 1 / tau)``; closed form."""
+    y = gaussian_data(29, 1.0, 0.7, 40)
     moments, log_z = normal_gamma_posterior(0.5, 2.0, 2.0, 2.0, y)
     return IdiomProgram("normal_gamma", "positive support (Gamma precision) with a dependent prior",
                         _normal_gamma_model, (y,), moments, log_evidence=log_z, step_scale=0.18)
@@ -295,7 +295,7 @@ def _mixture_reference(y):
     moments, log_z = quadrature_moments(log_joint, Grid.box([(-6.0, 4.0), (-4.0, 6.0)], 400),
                                         {"locs": lambda p: p, "assignment": responsibility})
     p = moments["assignment"].mean
-    moments["assignment"] = SiteMoments(p, (p * (1 - p)).sqrt())
+    moments["assignment"] = SiteMoments(p, (p * (1 - p)).sqrt(), discrete=True)
     return moments, log_z
 
 
@@ -336,7 +336,7 @@ def discrete_switch() -> IdiomProgram:
     second = torch.stack([parts[0][0].sd ** 2 + parts[0][0].mean ** 2, parts[1][0].sd ** 2 + parts[1][0].mean ** 2])
     mu_mean = (w * means).sum()
     mu = SiteMoments(mu_mean, ((w * second).sum() - mu_mean**2).sqrt())
-    shift = SiteMoments(w[1], (w[1] * w[0]).sqrt())
+    shift = SiteMoments(w[1], (w[1] * w[0]).sqrt(), discrete=True)
     return IdiomProgram("discrete_switch", "global discrete latent enumerated out (Bernoulli)", _switch_model, (y,),
                         {"mu": mu, "shift": shift}, log_evidence=float(log_w.logsumexp(0)), step_scale=0.5)
 
