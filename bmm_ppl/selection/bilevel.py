@@ -30,8 +30,8 @@ from bmm_ppl.selection.hypergradients import (
     InverseHVP,
     Objective,
     Tensors,
-    _check_tensors,
-    _learning_rate,
+    check_tensors,
+    learning_rate_at,
     implicit_hypergradient,
     unrolled_hypergradient,
 )
@@ -106,8 +106,8 @@ class BilevelProblem:
     def __post_init__(self):
         if not callable(self.inner) or not callable(self.outer):
             raise TypeError("inner and outer must be callables objective(params, hyperparameters) -> Tensor[]")
-        self.params = {k: v.detach() for k, v in _check_tensors("params", self.params).items()}
-        self.hyperparameters = {k: v.detach() for k, v in _check_tensors("hyperparameters", self.hyperparameters).items()}
+        self.params = {k: v.detach() for k, v in check_tensors("params", self.params).items()}
+        self.hyperparameters = {k: v.detach() for k, v in check_tensors("hyperparameters", self.hyperparameters).items()}
 
     @classmethod
     def from_module(
@@ -255,7 +255,7 @@ class Unrolled:
             for step in range(self.num_steps):
                 g = inner_grad(params, hypers)
                 velocity = {k: self.momentum * velocity[k] + g[k] for k in g}
-                params = {k: params[k] - _learning_rate(self.lr, hypers, step) * velocity[k] for k in params}
+                params = {k: params[k] - learning_rate_at(self.lr, hypers, step) * velocity[k] for k in params}
         return params
 
 

@@ -69,7 +69,7 @@ def _detached(tensors: Mapping[str, torch.Tensor]) -> Tensors:
 
 
 # -------------------------------------------------------------------------------------- validation
-def _check_tensors(name: str, tensors) -> Tensors:
+def check_tensors(name: str, tensors) -> Tensors:
     if not isinstance(tensors, Mapping) or not tensors:
         raise TypeError(f"{name} must be a non-empty dict {{name: Tensor}}, got {type(tensors).__name__}")
     for key, value in tensors.items():
@@ -127,7 +127,7 @@ def _check_finite(hypergradient: Tensors, method: str) -> None:
 
 
 # -------------------------------------------------------------------------------------------- unrolled
-def _learning_rate(lr, hypers: Mapping[str, torch.Tensor], step: int):
+def learning_rate_at(lr, hypers: Mapping[str, torch.Tensor], step: int):
     """A number, or the name of a hyperparameter holding a scalar or a per-step schedule Tensor[num_steps]."""
     if isinstance(lr, str):
         value = hypers[lr]
@@ -179,8 +179,8 @@ def unrolled_hypergradient(
         >>> r.hypergradient["decay"].shape
         torch.Size([])
     """
-    params = _check_tensors("params", params)
-    hypers = _check_tensors("hyperparameters", hyperparameters)
+    params = check_tensors("params", params)
+    hypers = check_tensors("hyperparameters", hyperparameters)
     num_steps = int(num_steps)
     if num_steps < 1:
         raise ValueError(f"num_steps must be at least 1, got {num_steps}")
@@ -211,7 +211,7 @@ def unrolled_hypergradient(
         for step in range(first, last):
             g = inner_grad(theta, lam)
             velocity = _axpy(momentum, velocity, g) if momentum else g
-            theta = _axpy(-_learning_rate(lr, lam, step), velocity, theta)
+            theta = _axpy(-learning_rate_at(lr, lam, step), velocity, theta)
         return theta, velocity
 
     theta = _detached(params)
@@ -313,8 +313,8 @@ def implicit_hypergradient(
         >>> round(float(r.hypergradient["decay"]), 6)   # d/dd (2/(1+d) - 1)^2 = -4 (2/(1+d) - 1) / (1+d)^2
         -0.592593
     """
-    params = _check_tensors("params", params)
-    hypers = _check_tensors("hyperparameters", hyperparameters)
+    params = check_tensors("params", params)
+    hypers = check_tensors("hyperparameters", hyperparameters)
     method = InverseHVP.parse(method, "method")
     num_iterations = int(num_iterations)
     if num_iterations < 1:

@@ -20,10 +20,33 @@ from pyro.infer import config_enumerate, infer_discrete
 from pyro.ops.contract import contract_to_tensor
 
 from bmm_ppl.inference.program.batching import per_point, to_outer_plate, under_outer_plate
-from bmm_ppl.inference.program.sites import inspect_model, is_sample_site, with_hyperparameters
+from bmm_ppl.inference.errors import UnsupportedModelError
+from bmm_ppl.inference.program.sites import inspect_model, is_latent_site, is_sample_site, with_hyperparameters
 
 _DRAW_PLATE = "_bmm_discrete_draws"
 _BATCH_PLATE = "_bmm_enumerated_points"
+
+
+def enumerated_sites(model: Callable, args: tuple, kwargs: dict) -> tuple:
+    """The latent sites of ``model`` to sum out: discrete with finite support (or marked for parallel
+    enumeration), found in one run (a scoped parameter store).
+
+    Raises:
+        UnsupportedModelError: a discrete latent site whose support is not finite (e.g. a Poisson count).
+    """
+    with pyro.get_param_store().scope():
+        trace = poutine.trace(model).get_trace(*args, **kwargs)
+    names = []
+    for name, site in trace.nodes.items():
+        if not is_latent_site(site) or not site["fn"].support.is_discrete:
+            continue
+        if not getattr(site["fn"], "has_enumerate_support", False):
+            raise UnsupportedModelError(
+                f"site {name!r} is discrete with an unbounded support ({type(site['fn']).__name__}): it cannot "
+                f"be enumerated out; marginalise it in the model or give it a finite support"
+            )
+        names.append(name)
+    return tuple(names)
 
 
 def enumerating(model: Callable, max_plate_nesting: int, extra_dims: int = 0) -> Callable:

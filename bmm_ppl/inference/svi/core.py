@@ -18,6 +18,7 @@ import torch
 
 from bmm_ppl._enums import StrEnum
 from bmm_ppl.inference.program.batching import under_outer_plate
+from bmm_ppl.inference.program.enumeration import enumerated_log_density
 from bmm_ppl.inference.program.log_density import site_log_prob, sum_keeping_batch
 from bmm_ppl.inference.program.sites import is_sample_site
 
@@ -85,9 +86,13 @@ def traced_log_weights(
     model_trace = poutine.trace(poutine.replay(model_run, trace=guide_trace)).get_trace(*args, **kwargs)
     batch = None if num_particles == 1 else num_particles
     log_weights, score = 0.0, 0.0
-    for site in model_trace.nodes.values():
-        if is_sample_site(site):
-            log_weights = log_weights + sum_keeping_batch(site_log_prob(site, model_trace), batch, max_plate_nesting)
+    if any(site["infer"].get("_enumerate_dim") is not None for site in model_trace.nodes.values() if site["type"] == "sample"):
+        # discrete sites enumerated (the model runs under program.enumeration.enumerating): sum them out
+        log_weights = enumerated_log_density(model_trace, None if batch is None else PARTICLE_PLATE)
+    else:
+        for site in model_trace.nodes.values():
+            if is_sample_site(site):
+                log_weights = log_weights + sum_keeping_batch(site_log_prob(site, model_trace), batch, max_plate_nesting)
     for site in guide_trace.nodes.values():
         if is_sample_site(site):
             log_q = sum_keeping_batch(site_log_prob(site, guide_trace), batch, max_plate_nesting)

@@ -17,6 +17,7 @@ import torch
 
 from bmm_ppl._enums import StrEnum
 from bmm_ppl.inference.latents import LATENT_DISTRIBUTIONS, LatentDistribution
+from bmm_ppl.inference.program.enumeration import draw_discrete
 
 _DRAW_PLATE = "_bmm_guide_draws"
 
@@ -110,11 +111,15 @@ class GuideLatents(LatentDistribution):
         site_shapes: ``{site: shape}`` of the model's latent sites.
         max_plate_nesting: the model's plate depth; draws go in a plate to its left.
         num_saved_draws: how many draws the state dict keeps.
+        discrete: ``(model, sites)`` for a model whose discrete ``sites`` were enumerated out: each draw of
+            the guide's sites is completed by a draw of those from their conditional posterior
+            (:func:`~bmm_ppl.inference.program.enumeration.draw_discrete`).
     """
 
     kind = "guide"
 
-    def __init__(self, guide, args, kwargs, param_state, site_shapes, max_plate_nesting, num_saved_draws: int = 4000):
+    def __init__(self, guide, args, kwargs, param_state, site_shapes, max_plate_nesting, num_saved_draws: int = 4000,
+                 discrete: tuple | None = None):
         self.guide = guide
         self.args = tuple(args)
         self.kwargs = dict(kwargs)
@@ -122,6 +127,7 @@ class GuideLatents(LatentDistribution):
         self.site_shapes = {name: tuple(int(s) for s in shape) for name, shape in site_shapes.items()}
         self.max_plate_nesting = int(max_plate_nesting)
         self.num_saved_draws = int(num_saved_draws)
+        self.discrete = discrete
         self._saved: StoredDrawLatents | None = None
 
     @property
@@ -130,9 +136,13 @@ class GuideLatents(LatentDistribution):
 
     def sample(self, num_samples: int) -> dict[str, torch.Tensor]:
         with pyro.get_param_store().scope(self.param_state), torch.no_grad():
-            return _sample_sites(
+            draws = _sample_sites(
                 self.guide, self.args, self.kwargs, int(num_samples), self.site_shapes, self.max_plate_nesting, self.device
             )
+            if self.discrete is not None:
+                model, sites = self.discrete
+                draws.update(draw_discrete(model, self.args, self.kwargs, draws, sites))
+            return draws
 
     def materialise(self) -> "StoredDrawLatents":
         """``num_saved_draws`` fixed draws (drawn once, then cached)."""

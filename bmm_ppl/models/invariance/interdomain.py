@@ -74,7 +74,7 @@ class InterDomainInvariantSVGP(torch.nn.Module):
         return torch.tril(raw, -1) + torch.diag_embed(torch.exp(torch.diagonal(raw)))
 
     def _base(self, x1, x2, diag=False):
-        return self.kernel._base(x1, x2, diag)
+        return self.kernel.base_covariance(x1, x2, diag)
 
     def _inducing_factor(self) -> torch.Tensor:
         z = self.inducing_points
@@ -83,9 +83,9 @@ class InterDomainInvariantSVGP(torch.nn.Module):
 
     def _draw(self, x: torch.Tensor):
         """One draw of transformed copies of ``x`` and their weights: (Tensor[S, n, d], Tensor[S])."""
-        points, weights = self.kernel._unit_points(x)
+        points, weights = self.kernel.unit_points(x)
         alpha = self.kernel.ranges.to(x.dtype) * (2 * points - 1)
-        return self.kernel._orbit(x, alpha), weights
+        return self.kernel.orbit(x, alpha), weights
 
     def _whitened_cross(self, orbit, weights, factor) -> torch.Tensor:
         """``b = L_zz⁻¹ c(x, Z)ᵀ``: Tensor[m, n], ``c = Σ_s w_s k(t(x; α_s), Z)``."""

@@ -182,7 +182,7 @@ class InvariantKernel(gpytorch.kernels.Kernel):
             self.fixed_ranges = value.clone()
 
     # ------------------------------------------------------------- sampling
-    def _unit_points(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def unit_points(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Points ``u`` in ``[0, 1]^p`` (Tensor[S, p]) and their weights (Tensor[S]), on ``like``'s device."""
         p, size = self.transform.num_parameters, self.num_samples
         if self.estimator is Estimator.QUADRATURE:
@@ -211,7 +211,7 @@ class InvariantKernel(gpytorch.kernels.Kernel):
             yield
             return
         previous = self._fixed_unit
-        self._fixed_unit = (self._unit_points(like), self._unit_points(like))
+        self._fixed_unit = (self.unit_points(like), self.unit_points(like))
         try:
             yield
         finally:
@@ -222,14 +222,16 @@ class InvariantKernel(gpytorch.kernels.Kernel):
         if self._fixed_unit is not None:
             first, second = self._fixed_unit
         else:
-            first = self._unit_points(like)
-            second = self._unit_points(like) if self.estimator is Estimator.INDEPENDENT else first
+            first = self.unit_points(like)
+            second = self.unit_points(like) if self.estimator is Estimator.INDEPENDENT else first
         if self.estimator is not Estimator.INDEPENDENT:
             second = first
         ranges = self.ranges.to(like.dtype)
         return (ranges * (2 * first[0] - 1), first[1]), (ranges * (2 * second[0] - 1), second[1])
 
-    def _orbit(self, x: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
+    def orbit(self, x: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
+        """The transformed copies of ``x: Tensor[n, d]``: ``Tensor[S, n, d]`` (the whole finite orbit when
+        ``alpha`` is ``None``, else one copy per row of ``alpha: Tensor[S, p]``)."""
         moved = self.transform.orbit(x) if alpha is None else self.transform(x, alpha)
         copies = self.transform.order if alpha is None else alpha.shape[0]
         if tuple(moved.shape) != (copies,) + tuple(x.shape):
@@ -240,7 +242,8 @@ class InvariantKernel(gpytorch.kernels.Kernel):
         return moved
 
     # -------------------------------------------------------------- kernel
-    def _base(self, x1: torch.Tensor, x2: torch.Tensor, diag: bool, **params) -> torch.Tensor:
+    def base_covariance(self, x1: torch.Tensor, x2: torch.Tensor, diag: bool, **params) -> torch.Tensor:
+        """The base kernel's ``k(x1, x2)`` (its diagonal with ``diag``), on its active dimensions."""
         # The base kernel's own __call__ would select its active_dims; forward() skips that, so do it here.
         dims = self.base_kernel.active_dims
         if dims is not None:
@@ -251,26 +254,26 @@ class InvariantKernel(gpytorch.kernels.Kernel):
         if last_dim_is_batch:
             raise NotImplementedError("InvariantKernel does not support last_dim_is_batch")
         if self.transform is None:
-            return self._base(x1, x2, diag, **params)
+            return self.base_covariance(x1, x2, diag, **params)
         if x1.dim() != 2 or x2.dim() != 2:
             raise ValueError(
                 f"InvariantKernel with a transform takes inputs Tensor[n, d], got {tuple(x1.shape)} and {tuple(x2.shape)}"
             )
         if isinstance(self.transform, FiniteGroup):
-            orbit1, orbit2 = self._orbit(x1, None), self._orbit(x2, None)
+            orbit1, orbit2 = self.orbit(x1, None), self.orbit(x2, None)
             weight1 = x1.new_full((orbit1.shape[0],), 1.0 / orbit1.shape[0])
             weight2 = weight1
         else:
             (alpha1, weight1), (alpha2, weight2) = self._alphas(x1)
-            orbit1, orbit2 = self._orbit(x1, alpha1), self._orbit(x2, alpha2)
+            orbit1, orbit2 = self.orbit(x1, alpha1), self.orbit(x2, alpha2)
         if diag:
             if x1.shape[0] != x2.shape[0]:
                 raise ValueError("diag=True needs x1 and x2 of the same length")
-            pairs = self._base(orbit1.transpose(0, 1), orbit2.transpose(0, 1), False, **params)  # [n, S1, S2]
+            pairs = self.base_covariance(orbit1.transpose(0, 1), orbit2.transpose(0, 1), False, **params)  # [n, S1, S2]
             return torch.einsum("nab,a,b->n", pairs, weight1, weight2)
         copies1, n, d = orbit1.shape
         copies2, m, _ = orbit2.shape
-        full = self._base(orbit1.reshape(-1, d), orbit2.reshape(-1, d), False, **params).reshape(copies1, n, copies2, m)
+        full = self.base_covariance(orbit1.reshape(-1, d), orbit2.reshape(-1, d), False, **params).reshape(copies1, n, copies2, m)
         return torch.einsum("anbm,a,b->nm", full, weight1, weight2)
 
 
