@@ -141,6 +141,19 @@ def test_multitask_task_labels_still_work_through_exact():
     assert post.samples(5)["W"].shape == (5, 4)
 
 
+def test_multitask_with_integer_inputs_equals_float_inputs():
+    # noise_variance=0.5 once ran as the integer 0 under an integer x (and the solve failed on dtypes).
+    g = torch.Generator().manual_seed(1)
+    x = torch.arange(40) % 7
+    task = torch.arange(40) % 2
+    y = torch.where(task == 0, 1 + 2 * x, -1 + x).to(F64) + 0.1 * torch.randn(40, generator=g, dtype=F64)
+    model = MultiTaskRegression(IndependentTasks(prior_precision=1.0), 2, noise_variance=0.5)
+    expected = Exact().fit(model, x.to(F64), task, y).log_evidence.value
+    assert abs(Exact().fit(model, x, task, y).log_evidence.value - expected) < 1e-10
+    with pytest.raises(ValueError, match="y must be real-valued targets in a floating dtype, got torch.int64"):
+        Exact().fit(model, x.to(F64), task, y.round().long())
+
+
 def test_poisson_counts_stay_integer_under_nuts():
     def counts_model(rate_scale, counts):
         rate = pyro.sample("rate", dist.Gamma(2.0, 1.0))
@@ -257,3 +270,23 @@ def test_bnn_categorical_labels_out_of_range_are_refused():
         model(x, torch.tensor([0.0, 1.0, 2.0, 1.0]))
     trace = poutine.trace(model).get_trace(x, torch.tensor([0, 1, 2, 1]))
     assert trace.nodes["obs"]["value"].dtype == torch.long
+
+
+def test_gp_refuses_integer_data_naming_the_argument():
+    pytest.importorskip("gpytorch")
+    import gpytorch
+
+    from bmm_ppl.inference import GPEvidence
+    from bmm_ppl.models.invariance import GPRegression
+
+    x = torch.arange(10).unsqueeze(-1)
+    y = torch.sin(x[:, 0].to(F64))
+    engine = GPEvidence(num_steps=5, progress=False)
+    with pytest.raises(ValueError, match="x must be real-valued inputs in a floating dtype, got torch.int64"):
+        engine.fit(GPRegression(gpytorch.kernels.RBFKernel()), x, y)
+    with pytest.raises(ValueError, match="y must be real-valued targets in a floating dtype, got torch.int64"):
+        engine.fit(GPRegression(gpytorch.kernels.RBFKernel()), x.to(F64), y.round().long())
+    with pytest.raises(ValueError, match=r"argument 0 is empty \(shape \(0, 1\)\)"):
+        engine.fit(GPRegression(gpytorch.kernels.RBFKernel()), x[:0].to(F64), y[:0])
+    with pytest.raises(ValueError, match="argument 0 is float32, argument 1 is float64"):
+        engine.fit(GPRegression(gpytorch.kernels.RBFKernel()), x.float(), y)

@@ -28,10 +28,10 @@ import pyro.distributions as dist
 import torch
 from torch.distributions import constraints
 
-from bmm_ppl.models.features import IdentityFeatures
+from bmm_ppl.models.features import IdentityFeatures, PolynomialFeatures, RBFFeatures
 from bmm_ppl.contracts.hyperparameters import Fixed, Hyperprior, Learned, as_hyperparameter
 from bmm_ppl.contracts.regression_forms import GaussianPriorRegressionForm
-from bmm_ppl.validation import check_same_device, check_same_length, check_tensor
+from bmm_ppl.validation import as_real_valued, check_same_device, check_same_float_dtype, check_same_length, check_tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +62,17 @@ def initial_value(slot: HyperparameterSlot, like: torch.Tensor) -> torch.Tensor:
     if init == 1.0:
         return slot.default_init(like)
     return torch.full(slot.shape, float(init), dtype=like.dtype, device=like.device)
+
+
+def _real_design(features, x, y):
+    """``features(x)`` in a floating dtype: integer inputs would drag the design and every fixed
+    hyperparameter into integers. Integer targets are refused (regression targets are real numbers)."""
+    if y is not None and not y.is_floating_point():
+        raise ValueError(f"y must be real-valued targets in a floating dtype, got {y.dtype}; pass y.to(torch.float64)")
+    dtype = check_same_float_dtype(x=x, y=y) or torch.get_default_dtype()
+    if isinstance(features, (IdentityFeatures, PolynomialFeatures, RBFFeatures)):
+        x = as_real_valued("x", x, dtype)
+    return as_real_valued("features(x)", features(x), dtype)
 
 
 def _eye(n, like):
@@ -232,7 +243,7 @@ class MultiTaskRegression:
             missing = sorted(set(range(self.num_tasks)) - set(task.unique().tolist()))
             if missing:
                 raise ValueError(f"tasks {missing} have no data; every one of the {self.num_tasks} tasks needs examples")
-        return self.features(x)
+        return _real_design(self.features, x, y)
 
     def slots(self, num_features: int) -> list[HyperparameterSlot]:
         noise = HyperparameterSlot(
@@ -266,7 +277,7 @@ class MultiTaskRegression:
     # --------------------------------------------------------------- exact path
     def learnable_hyperparameters(self, x, task, y=None) -> dict:
         """``{name: (initial value, constraint)}`` of the hyperparameters learned by type-II."""
-        phi = self.features(x)
+        phi = _real_design(self.features, x, y)
         out = {}
         for slot in self.slots(phi.shape[-1]):
             if isinstance(slot.spec, Hyperprior):

@@ -105,8 +105,13 @@ class GPRegression:
         check_tensor("x", x)
         if x.dim() != 2:
             raise ValueError(f"x must be Tensor[n, d], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            # GPyTorch kernels fail deep inside on integers (and a fixed noise would take their dtype).
+            raise ValueError(f"x must be real-valued inputs in a floating dtype, got {x.dtype}; pass x.to(torch.float64)")
         if y is not None:
             check_tensor("y", y)
+            if not y.is_floating_point():
+                raise ValueError(f"y must be real-valued targets in a floating dtype, got {y.dtype}; pass y.to(x.dtype)")
             if y.dim() not in (1, 2) or y.shape[0] != x.shape[0]:
                 raise ValueError(f"y must be Tensor[{x.shape[0]}] or Tensor[{x.shape[0]}, C] to match x, got {tuple(y.shape)}")
         covariance = kernel_matrix(self.kernel, self.kernel_parameters(x), x)
