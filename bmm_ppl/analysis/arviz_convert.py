@@ -130,7 +130,13 @@ class ModelLayout:
         return [n for n, s in self.sites.items() if s.kind == kind]
 
 
-def model_layout(model: Callable, args: tuple = (), kwargs: dict | None = None, hyperparameters: dict | None = None) -> ModelLayout:
+def model_layout(
+    model: Callable,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    hyperparameters: dict | None = None,
+    values: dict | None = None,
+) -> ModelLayout:
     """Traces ``model(*args, **kwargs)`` once and names each site's dimensions after its plates.
 
     A plate ``pyro.plate(name, size, dim=d)`` names the value dimension ``d`` counted from the right of
@@ -140,6 +146,8 @@ def model_layout(model: Callable, args: tuple = (), kwargs: dict | None = None, 
     Args:
         model: a Pyro program.
         hyperparameters: values substituted for its ``pyro.param`` sites.
+        values: ``{site: Tensor[*site_shape]}`` latent values to run at (e.g. one posterior draw), so that
+            no prior is sampled (an improper one cannot be).
 
     Returns:
         a :class:`ModelLayout`.
@@ -154,8 +162,10 @@ def model_layout(model: Callable, args: tuple = (), kwargs: dict | None = None, 
         >>> layout.sites["w"].dims, layout.sites["obs"].dims, layout.sites["obs"].batch_shape
         (('w_dim_0',), ('data',), (5,))
     """
+    values = dict(values or {})
     with pyro.get_param_store().scope():
-        trace = poutine.trace(with_hyperparameters(model, hyperparameters)).get_trace(*args, **(kwargs or {}))
+        runnable = poutine.condition(with_hyperparameters(model, hyperparameters), data=values)
+        trace = poutine.trace(runnable).get_trace(*args, **(kwargs or {}))
     sites, factors = {}, []
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site):
@@ -174,7 +184,7 @@ def model_layout(model: Callable, args: tuple = (), kwargs: dict | None = None, 
                 dims[position] = frame.name
         if deterministic:
             sites[name] = SiteLayout(tuple(dims), shape, "deterministic")
-        elif site["is_observed"]:
+        elif site["is_observed"] and name not in values:
             batch_shape = tuple(torch.broadcast_shapes(tuple(site["fn"].batch_shape), batch))
             sites[name] = SiteLayout(tuple(dims), shape, "observed", batch_shape)
         else:
@@ -308,7 +318,8 @@ def to_arviz(
     groups = {"posterior": draws}
     auto_dims = {}
     if posterior.model is not None:
-        layout = model_layout(posterior.model, posterior.args, posterior.kwargs, posterior.hyperparameters)
+        first = {n: v[0, 0] for n, v in draws.items()}
+        layout = model_layout(posterior.model, posterior.args, posterior.kwargs, posterior.hyperparameters, first)
         # Plate names only where the stored draws have the traced shape (an engine may keep other sites).
         auto_dims = {
             n: list(s.dims) for n, s in layout.sites.items() if n not in draws or tuple(draws[n].shape[2:]) == s.shape

@@ -14,9 +14,10 @@ import pyro.distributions as dist
 import pytest
 import torch
 from scipy.stats import norm
+from torch.distributions import constraints
 
 from bmm_ppl.analysis import from_groups, loo_pit, model_layout, to_arviz
-from bmm_ppl.analysis.arviz_convert import ARVIZ_MAJOR, arviz_sample_stats
+from bmm_ppl.analysis.arviz_convert import ARVIZ_MAJOR, arviz_sample_stats, prior_draws
 from bmm_ppl.inference import Exact, Posterior
 from bmm_ppl.inference.errors import PriorSamplingWarning
 from bmm_ppl.models import BayesianLinearRegression, polynomial_features
@@ -191,6 +192,19 @@ def test_prior_groups_are_skipped_on_request_and_refused_for_a_factor_term():
     with pytest.warns(PriorSamplingWarning, match="penalty"):
         idata = post.to_arviz()
     assert "prior" not in group_names(idata) and "posterior" in group_names(idata)
+
+    def improper(y):
+        mu = pyro.sample("mu", dist.ImproperUniform(constraints.real, (), ()))
+        with pyro.plate("data", len(y)):
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=y)
+
+    post = Posterior(improper, (torch.zeros(4, **F64),), draws={"mu": torch.zeros(1, 10, **F64)})
+    # The layout runs at a posterior draw, so an improper prior is never sampled there...
+    layout = model_layout(improper, post.args, values={"mu": torch.tensor(0.0, **F64)})
+    assert layout.names("latent") == ["mu"] and layout.names("observed") == ["obs"]
+    # ...and the prior groups, which would have to sample it, are refused by name.
+    with pytest.warns(PriorSamplingWarning, match="cannot be sampled"):
+        assert prior_draws(post, 10, layout) == {}
 
 
 # ------------------------------------------------------------ event-shaped observations
