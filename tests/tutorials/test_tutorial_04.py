@@ -24,5 +24,10 @@ def test_tutorial_04_quick(tmp_path):
     assert 13000 < results["nile_observation_var"] < 17000
     assert 1000 < results["nile_level_var"] < 2000
     assert -660 < results["nile_log_evidence_local_level"] < -620
+    # The Nile has no time-varying slope: the local linear trend's slope variance runs to its boundary
+    # (reported, then kept as the limit fit), and its evidence is below the local level's.
+    assert results["nile_log_evidence_local_linear_trend"] < results["nile_log_evidence_local_level"]
+    boundary = results["nile_trend_boundary"]
+    assert boundary is None or "transition_cov" in boundary
     assert results["hmm_viterbi_accuracy"] > 0.8
     assert results["pendulum_rmse_ekf"] < 0.05 and results["pendulum_rmse_ukf"] < 0.05
