@@ -91,7 +91,8 @@ def plot_errors(errors, path):
     ax.set_xlabel("polynomial degree")
     ax.set_ylabel("RMS error")
     ax.set_title("Training error falls with degree; test error does not")
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, off the curves
+    fig.set_size_inches(8, 3.5)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -112,7 +113,8 @@ def plot_bma(comparison, path, num_samples: int = 4000):
     ax.set_xlabel("x")
     ax.set_ylabel("t")
     ax.set_title("Bayesian model average over degrees 0-9")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, off the band
+    fig.set_size_inches(8, 3.5)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
