@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import pyro
@@ -10,7 +11,10 @@ import torch
 from tqdm.auto import tqdm
 
 from bmm_ppl._enums import StrEnum
-from bmm_ppl.inference.errors import DivergenceError, UnsupportedModelError
+from bmm_ppl.inference.errors import (
+    ConvergenceWarning, DivergenceError, HyperparameterBoundaryError, HyperparameterBoundaryWarning, OnBoundary,
+    UnsupportedModelError,
+)
 from bmm_ppl.inference.evidence import Evidence
 from bmm_ppl.inference.kalman import steady_state
 from bmm_ppl.inference.kalman.em import check_em_supported, em_update
@@ -25,6 +29,11 @@ from bmm_ppl.contracts.state_space import LinearGaussianParams, psd_sqrt
 
 _PARALLEL_FROM = 32  # below this many steps the sequential loop is as fast as the scan
 _STEADY_STATE_FROM = 512  # from here the steady-state FFT path wins for the evidence alone
+_COVARIANCES = ("transition_cov", "observation_cov", "initial_cov")
+# Converged: |grad log p(y)| over the unconstrained parameters at most this per observed entry.
+GRADIENT_TOLERANCE = 1e-4
+_BOUNDARY_PUSH = 1e-3  # a learned variance is pushed 1000-fold toward 0 ...
+_BOUNDARY_TOLERANCE = 1e-7  # ... and is at a boundary when the evidence is no lower (relative, round-off)
 
 
 class FilterMethod(StrEnum):
@@ -78,6 +87,27 @@ def _use_parallel(method: FilterMethod, y: torch.Tensor) -> bool:
     return method is FilterMethod.PARALLEL or long
 
 
+def _check_series(y) -> None:
+    """Refuses series the filter would answer vacuously: no time steps, or no observed entry."""
+    if not isinstance(y, torch.Tensor):
+        return  # the model's own checks name the type
+    if y.dim() >= 2 and y.shape[-2] == 0:
+        raise ValueError(f"y has no time steps (shape {tuple(y.shape)}): Kalman needs Tensor[T, p] with T >= 1")
+    if y.numel() == 0:
+        raise ValueError(f"y is empty (shape {tuple(y.shape)}): Kalman needs at least one observation")
+    if y.device.type == "meta" or not y.is_floating_point() or y.dim() < 2:
+        return
+    observed = (~torch.isnan(y)).flatten(-2).any(-1)
+    if y.dim() == 2 and not bool(observed):
+        raise ValueError(
+            "y is entirely missing (all NaN): its evidence would be a vacuous 0 and nothing can be learned; "
+            "pass a series with at least one observed entry"
+        )
+    if y.dim() > 2 and not bool(observed.all()):
+        empty = torch.nonzero(~observed.reshape(-1)).reshape(-1).tolist()
+        raise ValueError(f"y has series with no observed entry (all NaN), at flattened batch indices {empty[:10]}; drop them")
+
+
 class Kalman:
     """Exact inference for linear-Gaussian state-space models (``LinearGaussianSSM`` and its builders).
 
@@ -89,6 +119,24 @@ class Kalman:
     by type-II: L-BFGS (default) or Adam on the exact evidence, or EM. The filtered, predicted and smoothed
     moments are on ``posterior.latent_distribution`` (a :class:`SmoothedStates`).
 
+    The series is checked first: a zero-length series and a series with no observed entry (all NaN,
+    whose "evidence" would be a vacuous 0) are refused with a ``ValueError`` naming ``y``.
+
+    Type-II learning reports boundaries as :class:`~bmm_ppl.inference.Exact` does: when the evidence
+    keeps rising as a learned variance runs to 0 (a local level fitted to white noise drives the level
+    variance there: the data prefer a constant level), there is no interior optimum. Each learned
+    variance (entry of a diagonal covariance, smallest eigenvalue of a full one) is pushed 1000-fold
+    toward 0 after learning; if the evidence is no lower, ``on_boundary="raise"`` (default) raises
+    :class:`~bmm_ppl.inference.errors.HyperparameterBoundaryError` and ``"clip"`` warns
+    (:class:`~bmm_ppl.inference.errors.HyperparameterBoundaryWarning`) and returns the fit reached, with
+    ``diagnostics["boundary"]`` (``{"transition_cov": "0"}``; entries of a vector as
+    ``"transition_cov[1]"``) and ``diagnostics["limit_log_evidence"]``, the evidence with that variance
+    exactly 0 where it can be evaluated. Convergence is reported as every iterative engine reports it:
+    ``diagnostics["converged"]`` (gradient norm of the log evidence over the unconstrained parameters at
+    most 1e-4 per observed entry; for EM, the change test of ``tolerance``), ``"gradient_norm"``,
+    ``"relative_change"`` (of the last step), ``"num_iterations"``, ``"max_iterations"``; a fit that did
+    not converge issues a :class:`~bmm_ppl.inference.errors.ConvergenceWarning` naming what to change.
+
     Args:
         learning: ``"lbfgs"``, ``"adam"`` or ``"em"``.
         num_steps: optimiser iterations (L-BFGS iterations, Adam steps, EM iterations).
@@ -98,6 +146,7 @@ class Kalman:
             ``"steady-state"`` (for the evidence while learning: steady-state gain and an FFT convolution,
             time-invariant matrices and complete data only; moments then come from the scan) or ``"auto"``
             (steady-state evidence from 512 steps where it applies, the scan from 32 steps, else the loop).
+        on_boundary: ``"raise"`` or ``"clip"`` (see above).
         device: move the data here first (``None``: follow the data).
         progress: show a tqdm bar while learning.
 
@@ -118,6 +167,7 @@ class Kalman:
         lr: float | None = None,
         tolerance: float = 1e-10,
         method: str | FilterMethod = FilterMethod.AUTO,
+        on_boundary: str | OnBoundary = OnBoundary.RAISE,
         device=None,
         progress: bool = True,
     ):
@@ -128,6 +178,7 @@ class Kalman:
         self.lr = lr
         self.tolerance = float(tolerance)
         self.method = FilterMethod.parse(method, "method")
+        self.on_boundary = OnBoundary.parse(on_boundary, "on_boundary")
         self.device = None if device is None else torch.device(device)
         self.progress = progress
 
@@ -149,6 +200,7 @@ class Kalman:
         if self.device is not None:
             y = y.to(self.device)
             controls = None if controls is None else controls.to(self.device)
+        _check_series(y)
         with pyro.get_param_store().scope():
             form = describe(y, controls)
             priors = [name for name, spec in form.specs.items() if isinstance(spec, Hyperprior)]
@@ -159,21 +211,30 @@ class Kalman:
                 )
             store = pyro.get_param_store()
             learned = [name for name in form.specs if name in store]
-            loss_trace, converged = self._learn(describe, y, controls, form, learned)
+            loss_trace, converged, iterations = self._learn(describe, y, controls, form, learned)
+            convergence = self._convergence(describe, y, controls, learned, loss_trace, converged, iterations)
             with torch.no_grad():
                 form = describe(y, controls)
                 filtered, smoothed = filter_and_smooth(form.params, form.observations, self.method)
                 hyperparameters = {name: pyro.param(name).detach() for name in learned}
-        total = filtered.log_likelihood.sum()
-        if not bool(torch.isfinite(total)):
-            raise DivergenceError(f"the Kalman log-likelihood is {float(total)}: the learned matrices diverged")
+            total = filtered.log_likelihood.sum()
+            if not bool(torch.isfinite(total)):
+                raise DivergenceError(f"the Kalman log-likelihood is {float(total)}: the learned matrices diverged")
+            boundary, limit = {}, None
+            if loss_trace:
+                boundary, limit = self._find_boundary(describe, y, controls, learned, float(total))
         diagnostics = {
             "learning": self.learning.value if learned else "none",
-            "num_iterations": len(loss_trace),
-            "converged": converged,
+            **convergence,
+            "boundary": boundary,
             "filter_method": "parallel" if _use_parallel(self.method, y) else "sequential",
             "series_log_evidence": filtered.log_likelihood.detach(),
         }
+        if boundary:
+            diagnostics["limit_log_evidence"] = limit
+            self._report_boundary(model, boundary, limit)
+        elif loss_trace:
+            self._report_convergence(model, convergence)
         return Posterior(
             model,
             (y,) if controls is None else (y, controls),
@@ -218,10 +279,132 @@ class Kalman:
             engine="Kalman",
         )
 
+    # ------------------------------------------------------------ convergence and boundaries
+    def _convergence(self, describe, y, controls, learned, trace, converged_by_tolerance, iterations) -> dict:
+        """The convergence entries of ``diagnostics``: gradient norm at the end, last relative change."""
+        entries = {"converged": True, "gradient_norm": 0.0, "relative_change": None,
+                   "num_iterations": 0, "max_iterations": self.num_steps}
+        if not trace:
+            return entries
+        # L-BFGS counts iterations (each may evaluate several times); Adam and EM one evaluation each.
+        entries["num_iterations"] = iterations
+        entries["num_evaluations"] = len(trace)
+        store = pyro.get_param_store()
+        unconstrained = [store.get_param(name).unconstrained() for name in learned]
+        loss = self._negative_evidence(describe, y, controls)
+        grads = torch.autograd.grad(loss, unconstrained, allow_unused=True)
+        gradient_norm = float(torch.sqrt(sum(g.pow(2).sum() for g in grads if g is not None)))
+        if len(trace) >= 2:
+            last, before = float(trace[-1]), float(trace[-2])
+            entries["relative_change"] = abs(last - before) / (1.0 + abs(last))
+        observed = int((~torch.isnan(y)).sum()) if y.device.type != "meta" else y.numel()
+        if self.learning is Learning.EM:
+            converged = converged_by_tolerance
+        else:
+            converged = gradient_norm <= GRADIENT_TOLERANCE * max(1, observed)
+        entries.update(converged=bool(converged), gradient_norm=gradient_norm)
+        return entries
+
+    def _report_convergence(self, model, convergence: dict) -> None:
+        if convergence["converged"]:
+            return
+        capped = convergence["num_iterations"] >= self.num_steps
+        if self.learning is Learning.ADAM:
+            advice = f"raise num_steps (now {self.num_steps}) or lr, or use learning='lbfgs'"
+        elif self.learning is Learning.EM:
+            advice = f"raise num_steps (now {self.num_steps}) or use learning='lbfgs' (EM is slow on flat evidence)"
+        elif capped:
+            advice = f"raise num_steps (now {self.num_steps})"
+        else:
+            advice = "the evidence is badly conditioned here: rescale y, or fix a matrix"
+        warnings.warn(
+            f"Kalman type-II learning of {model!r} stopped before converging: gradient norm "
+            f"{convergence['gradient_norm']:.3g} after {convergence['num_iterations']} "
+            f"{self.learning.value} iterations; {advice}",
+            ConvergenceWarning, stacklevel=3,
+        )
+
+    def _find_boundary(self, describe, y, controls, learned, best: float) -> tuple[dict, float | None]:
+        """``({label: "0"}, limit evidence)`` for learned variances whose evidence supremum is at 0."""
+        store = pyro.get_param_store()
+        boundary, zeroed = {}, {}
+        threshold = best - _BOUNDARY_TOLERANCE * max(1.0, abs(best))
+        with torch.no_grad():
+            for name in learned:
+                if name not in _COVARIANCES:
+                    continue
+                value = pyro.param(name).detach().clone()
+                if value.device.type == "meta":
+                    continue
+                if value.dim() == 1:  # a diagonal covariance: its variances
+                    candidates = []
+                    for i in range(value.shape[0]):
+                        pushes = []
+                        for factor in (_BOUNDARY_PUSH, _BOUNDARY_PUSH**2):
+                            pushed = value.clone()
+                            pushed[i] = pushed[i] * factor
+                            pushes.append(pushed)
+                        limit = value.clone()
+                        limit[i] = 0.0
+                        label = name if value.shape[0] == 1 else f"{name}[{i}]"
+                        candidates.append((label, pushes, limit))
+                else:  # a full covariance: its smallest eigenvalue
+                    eigenvalues, vectors = torch.linalg.eigh(0.5 * (value + value.mT))
+                    pushes = []
+                    for factor in (_BOUNDARY_PUSH, _BOUNDARY_PUSH**2):
+                        shrunk = eigenvalues.clone()
+                        shrunk[0] = shrunk[0] * factor
+                        pushes.append((vectors * shrunk) @ vectors.mT)
+                    candidates = [(name, pushes, None)]
+                for label, pushes, limit in candidates:
+                    # A boundary: the evidence is no lower 1000-fold closer to 0, and no lower again a further
+                    # 1000-fold (an unconverged run short of an interior optimum passes the first test only).
+                    values = []
+                    for pushed in pushes:
+                        store[name] = pushed
+                        try:
+                            values.append(float(-self._negative_evidence(describe, y, controls)))
+                        except (RuntimeError, ValueError):  # a push that breaks a factorisation is no boundary
+                            values.append(-math.inf)
+                    store[name] = value
+                    slack = best - threshold
+                    if values[0] >= threshold and values[1] >= values[0] - slack:
+                        boundary[label] = "0"
+                        zeroed[name] = limit if name not in zeroed or limit is None else torch.minimum(zeroed[name], limit)
+            limit_value = None
+            if boundary and all(limit is not None for limit in zeroed.values()):
+                originals = {name: pyro.param(name).detach().clone() for name in zeroed}
+                for name, limit in zeroed.items():
+                    store[name] = limit
+                try:
+                    limit_value = float(-self._negative_evidence(describe, y, controls))
+                except (RuntimeError, ValueError):
+                    limit_value = None
+                for name, value in originals.items():
+                    store[name] = value
+                if limit_value is not None and not math.isfinite(limit_value):
+                    limit_value = None
+        return boundary, limit_value
+
+    def _report_boundary(self, model, boundary: dict, limit: float | None) -> None:
+        described = ", ".join(f"{label} -> {value}" for label, value in boundary.items())
+        message = (
+            f"Kalman type-II learning of {model!r} has no interior optimum: the evidence keeps rising as "
+            f"{described}"
+        )
+        if limit is not None:
+            message += f" (with it exactly 0 the log evidence is {limit:.6g})"
+        message += (". Fix that matrix (e.g. transition_cov=0.0 for a constant level), give it a prior, or pass "
+                    "on_boundary='clip' to keep the fit reached.")
+        if self.on_boundary is OnBoundary.RAISE:
+            raise HyperparameterBoundaryError(message, dict(boundary))
+        warnings.warn(message, HyperparameterBoundaryWarning, stacklevel=3)
+
     # ------------------------------------------------------------ learning
-    def _learn(self, describe, y, controls, form: StateSpaceForm, learned: list[str]) -> tuple[list, bool]:
+    def _learn(self, describe, y, controls, form: StateSpaceForm, learned: list[str]) -> tuple[list, bool, int]:
+        """``(loss trace, converged by the optimiser's own test, iterations)``."""
         if not learned or self.num_steps == 0:
-            return [], True
+            return [], True, 0
         if self.learning is Learning.EM:
             check_em_supported(form, learned)
             return self._em(describe, y, controls, learned)
@@ -231,7 +414,7 @@ class Kalman:
         form = describe(y, controls)
         return -log_likelihood(form.params, form.observations, self.method).sum()
 
-    def _gradient(self, describe, y, controls, learned) -> tuple[list, bool]:
+    def _gradient(self, describe, y, controls, learned) -> tuple[list, bool, int]:
         store = pyro.get_param_store()
         unconstrained = [store.get_param(name).unconstrained() for name in learned]
         trace = []
@@ -254,19 +437,21 @@ class Kalman:
             )
             optimiser.step(closure)
             state = optimiser.state[optimiser._params[0]]
-            converged = state.get("n_iter", 0) < self.num_steps
+            iterations = state.get("n_iter", 0)
+            converged = iterations < self.num_steps
         else:
             optimiser = torch.optim.Adam(unconstrained, lr=0.05 if self.lr is None else self.lr)
             for _ in range(self.num_steps):
                 optimiser.step(closure)
             converged = False
+            iterations = self.num_steps
         bar.close()
         final = torch.stack(trace)
         if not bool(torch.isfinite(final).all()):
             raise DivergenceError("the negative log evidence became non-finite during type-II learning")
-        return trace, converged
+        return trace, converged, iterations
 
-    def _em(self, describe, y, controls, learned) -> tuple[list, bool]:
+    def _em(self, describe, y, controls, learned) -> tuple[list, bool, int]:
         store = pyro.get_param_store()
         trace, converged, previous = [], False, None
         bar = tqdm(range(self.num_steps), disable=not self.progress, desc="Kalman EM")
@@ -285,4 +470,4 @@ class Kalman:
                 previous = value
                 for name, value_ in em_update(form, filtered, smoothed, learned).items():
                     store[name] = value_
-        return trace, converged
+        return trace, converged, len(trace)

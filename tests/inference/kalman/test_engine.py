@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from bmm_ppl.inference import DivergenceError, Posterior, UnsupportedModelError
+from bmm_ppl.inference import ConvergenceWarning, DivergenceError, HyperparameterBoundaryWarning, Posterior, UnsupportedModelError
 from bmm_ppl.inference.kalman import Kalman, SmoothedStates
 from bmm_ppl.models import BayesianLinearRegression
 from bmm_ppl.models.state_space import LinearGaussianSSM, local_level, local_linear_trend
@@ -13,6 +13,16 @@ from tests.conftest import default_device
 
 DT = torch.float64
 NILE_INITIAL_MEAN, NILE_INITIAL_VAR = 1120.0, 1e5
+# Short fits below run a few steps on purpose (they test devices, dtypes, the param store).
+FEW_STEPS = pytest.mark.filterwarnings("ignore::bmm_ppl.inference.errors.ConvergenceWarning")
+
+
+def noisy_walk(steps, seed=0, dtype=DT):
+    """A random walk seen through unit noise: both local-level variances have interior optima (a pure
+    walk drives the observation variance to 0, which Kalman reports as a boundary)."""
+    generator = torch.Generator().manual_seed(seed)
+    walk = torch.randn(steps, 1, generator=generator, dtype=dtype).cumsum(0)
+    return walk + torch.randn(steps, 1, generator=generator, dtype=dtype)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +80,9 @@ def test_nile_type2_matches_statsmodels_mle(nile, statsmodels_nile_mle):
 
 
 def test_em_increases_the_evidence_and_approaches_the_mle(nile, statsmodels_nile_mle):
-    post = Kalman(learning="em", num_steps=60, progress=False).fit(nile_model(), nile)
+    with pytest.warns(ConvergenceWarning, match="EM"):  # 60 iterations: close, not converged
+        post = Kalman(learning="em", num_steps=60, progress=False).fit(nile_model(), nile)
+    assert post.diagnostics["converged"] is False and post.diagnostics["num_iterations"] == 60
     trace = post.loss_trace  # negative log evidence per EM iteration
     assert (trace[1:] <= trace[:-1] + 1e-9).all(), "EM must never lower the evidence"
     # EM is slow near the optimum; after 60 iterations it is within 0.05 nats of the MLE.
@@ -79,7 +91,8 @@ def test_em_increases_the_evidence_and_approaches_the_mle(nile, statsmodels_nile
 
 
 def test_adam_learns_too(nile, statsmodels_nile_mle):
-    post = Kalman(learning="adam", num_steps=60, lr=0.1, progress=False).fit(nile_model(), nile)
+    with pytest.warns(ConvergenceWarning, match="learning='lbfgs'"):
+        post = Kalman(learning="adam", num_steps=60, lr=0.1, progress=False).fit(nile_model(), nile)
     assert post.loss_trace[-1] < post.loss_trace[0]
 
 
@@ -140,19 +153,23 @@ def test_learned_full_matrices_and_controls_improve_the_evidence():
 
 def test_local_linear_trend_evidence_compares_with_local_level(nile):
     level = Kalman(progress=False).fit(nile_model(), nile)
-    trend = Kalman(progress=False, num_steps=60).fit(
-        local_linear_trend(initial_mean=torch.tensor([NILE_INITIAL_MEAN, 0.0], dtype=DT), initial_cov=NILE_INITIAL_VAR), nile
-    )
+    # The Nile has no slope: its variance runs to 0, reported as a boundary (statsmodels' MLE is 0 too).
+    with pytest.warns(HyperparameterBoundaryWarning, match=r"transition_cov\[1\] -> 0"):
+        trend = Kalman(progress=False, num_steps=60, on_boundary="clip").fit(
+            local_linear_trend(initial_mean=torch.tensor([NILE_INITIAL_MEAN, 0.0], dtype=DT), initial_cov=NILE_INITIAL_VAR), nile
+        )
     assert trend.hyperparameters["transition_cov"].shape == (2,)
+    assert trend.diagnostics["boundary"] == {"transition_cov[1]": "0"}
     # Both are exact evidences of type-II fits; a slope adds little to the Nile (it is nearly level).
     assert abs(trend.log_evidence.value - level.log_evidence.value) < 10
 
 
 # ----------------------------------------------------------- device discipline
+@FEW_STEPS
 @pytest.mark.parametrize("method", ["sequential", "parallel"])
 @pytest.mark.parametrize("learning", ["lbfgs", "em"])
 def test_device_discipline_meta_default(method, learning):
-    y = torch.randn(40, 1, dtype=DT).cumsum(0)
+    y = noisy_walk(40)
     model = local_level(initial_mean=0.0, initial_cov=10.0)
     with default_device("meta"):
         post = Kalman(progress=False, method=method, learning=learning, num_steps=5).fit(model, y)
@@ -161,8 +178,9 @@ def test_device_discipline_meta_default(method, learning):
     assert all(v.device.type == "cpu" for v in post.hyperparameters.values())
 
 
+@FEW_STEPS
 def test_float32_fit():
-    y = torch.randn(40, 1).cumsum(0)
+    y = noisy_walk(40, dtype=torch.float32)
     post = Kalman(progress=False, num_steps=10).fit(local_level(initial_mean=0.0, initial_cov=10.0, dtype=torch.float32), y)
     assert post.latent_distribution.smoothed_means.dtype == torch.float32
     assert all(v.dtype == torch.float32 for v in post.hyperparameters.values())
@@ -245,11 +263,12 @@ def test_divergence_is_reported():
         Kalman(progress=False, num_steps=0).fit(local_level(initial_mean=0.0, initial_cov=1.0, transition_cov=1.0, observation_cov=1.0), y)
 
 
+@FEW_STEPS
 def test_fit_leaves_the_global_param_store_alone():
     import pyro
 
     pyro.param("observation_cov", torch.ones(3, 3))
-    post = Kalman(progress=False, num_steps=5).fit(local_level(initial_mean=0.0, initial_cov=1.0), torch.randn(30, 1, dtype=DT))
+    post = Kalman(progress=False, num_steps=5).fit(local_level(initial_mean=0.0, initial_cov=1.0), noisy_walk(30))
     assert list(pyro.get_param_store().keys()) == ["observation_cov"]
     assert pyro.param("observation_cov").shape == (3, 3)
     assert post.hyperparameters["observation_cov"].shape == (1, 1)
