@@ -222,8 +222,16 @@ def prior_draws(posterior, num_samples: int, layout: ModelLayout) -> dict[str, d
             drawn = Predictive(runnable, num_samples=num_samples, return_sites=sites, parallel=parallel)(
                 *posterior.args, **posterior.kwargs
             )
-        # Predictive pads each site to the vectorising plate's nesting; the site's own shape is what stays.
-        return {n: drawn[n].reshape((1, num_samples) + layout.sites[n].shape) for n in sites}
+        out = {}
+        for n in sites:
+            # Predictive pads each site with 1s up to the vectorising plate's nesting; past them must lie
+            # exactly the site's own shape, or the vectorised run mixed the draws into the model's dims.
+            shape, value = layout.sites[n].shape, drawn[n]
+            padding = value.shape[1 : value.dim() - len(shape)]
+            if value.dim() < 1 + len(shape) or tuple(value.shape[value.dim() - len(shape):]) != shape or any(s != 1 for s in padding):
+                raise ValueError(f"site {n!r} drawn with shape {tuple(value.shape)}, expected ({num_samples}, ..., *{shape})")
+            out[n] = value.reshape((1, num_samples) + shape)
+        return out
 
     try:
         try:

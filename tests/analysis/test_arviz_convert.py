@@ -178,6 +178,26 @@ def test_prior_groups_match_the_prior_at_the_fitted_hyperparameters():
         assert np.all(np.abs(values.var(0, ddof=1) / sd**2 - 1) < 4 * math.sqrt(2 / (num - 1)))
 
 
+def test_prior_draws_of_a_model_that_does_not_broadcast_run_one_draw_at_a_time():
+    def row_by_row(x, y=None):
+        w = pyro.sample("w", dist.Normal(torch.zeros(2, **F64), 1.0).to_event(1))
+        mean = torch.stack([torch.dot(row, w) for row in x])  # torch.dot refuses a batch of draws
+        with pyro.plate("data", len(x)):
+            pyro.sample("obs", dist.Normal(mean, 0.5), obs=y)
+
+    x = torch.tensor([[1.0, 0.0], [1.0, 2.0], [0.5, -1.0]], **F64)
+    post = Posterior(row_by_row, (x, torch.zeros(3, **F64)), draws={"w": torch.zeros(1, 4, 2, **F64)})
+    num = 500
+    pyro.set_rng_seed(0)
+    idata = post.to_arviz(num_prior_samples=num, posterior_predictive=False)
+    obs = idata.prior_predictive["obs"].values.reshape(num, 3)
+    sd = np.sqrt((x**2).sum(1).numpy() + 0.25)
+    assert idata.prior["w"].shape == (1, num, 2)
+    # Mean within 4 standard errors, variance ratio within 4 sd of its sampling sd.
+    assert np.all(np.abs(obs.mean(0)) < 4 * sd / math.sqrt(num))
+    assert np.all(np.abs(obs.var(0, ddof=1) / sd**2 - 1) < 4 * math.sqrt(2 / (num - 1)))
+
+
 def test_prior_groups_are_skipped_on_request_and_refused_for_a_factor_term():
     idata = fitted().to_arviz(num_samples=10, num_prior_samples=0)
     assert not {"prior", "prior_predictive"} & group_names(idata)
