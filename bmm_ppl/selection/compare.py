@@ -189,6 +189,11 @@ def compare(
 
     Returns:
         a :class:`Comparison`.
+
+    Raises:
+        NonFiniteEvidenceError: a model's evidence overflowed to -inf (or is NaN); the message and the
+            error's ``model`` attribute name that model. Any other error of a fit keeps its type and
+            carries a note naming the model.
     """
     if not isinstance(models, Mapping) or not models:
         raise ValueError("models must be a non-empty dict {name: model}")
