@@ -111,7 +111,7 @@ def bridge_sampling(posterior, max_iterations: int = 1000, tolerance: float = 1e
         ...     m = pyro.sample("m", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 1.0))
         ...     with pyro.plate("data", len(y)):
         ...         pyro.sample("y", dist.Normal(m, 1.0), obs=y)
-        >>> post = NUTS(num_samples=200, warmup_steps=100, progress=False).fit(model, torch.zeros(4, dtype=torch.float64))
+        >>> post = NUTS(num_samples=1000, warmup_steps=200, progress=False).fit(model, torch.zeros(4, dtype=torch.float64))
         >>> bridge_sampling(post).method
         <EvidenceMethod.BRIDGE: 'bridge'>
     """

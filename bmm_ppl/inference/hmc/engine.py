@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable
 
@@ -16,6 +17,8 @@ from bmm_ppl.inference.hmc.adaptation import (
     adaptation_windows,
     find_reasonable_step_size,
 )
+from bmm_ppl.inference.chain_diagnostics import chain_diagnostics, check_chains
+from bmm_ppl.inference.errors import ChainDiagnosticsWarning
 from bmm_ppl.inference.hmc.integrator import PhasePoint
 from bmm_ppl.inference.hmc.kernels import hmc_step
 from bmm_ppl.inference.hmc.nuts_kernel import NUTSKernel
@@ -45,7 +48,7 @@ class _Hamiltonian:
 
     engine_name = ""
 
-    def __init__(self, num_samples, warmup_steps, num_chains, target_accept_prob, step_size, adapt_step_size,
+    def __init__(self, *, num_samples, warmup_steps, num_chains, target_accept_prob, step_size, adapt_step_size,
                  adapt_mass_matrix, jit, init_radius, device, progress, evidence=None, dense_mass=False):
         if evidence not in (None, "bridge"):
             raise ValueError(f"evidence={evidence!r} is not one of None, 'bridge'")
@@ -83,7 +86,15 @@ class _Hamiltonian:
         Returns:
             a :class:`Posterior` with ``draws = {site: Tensor[num_chains, num_samples, *site_shape]}`` in
             constrained space (``pyro.deterministic`` sites included), ``sample_stats`` shaped
-            ``(chain, draw)`` and ``diagnostics`` (divergences, step sizes, mass matrices).
+            ``(chain, draw)`` under ArviZ's names (``lp``, ``energy``, ``acceptance_rate``, ``diverging``,
+            ``n_steps``, ``step_size``, and ``tree_depth`` for NUTS) and ``diagnostics`` (divergences, step
+            sizes, mass matrices, and the chain checks of :func:`~bmm_ppl.inference.chain_diagnostics.chain_diagnostics`:
+            ``r_hat``, ``ess_bulk``, ``ess_tail`` per latent site, ``max_r_hat``, ``min_ess_bulk``, ``min_ess_tail``).
+
+        Warns:
+            DivergentTransitionWarning: post-warm-up transitions diverged.
+            ChainDiagnosticsWarning: split R-hat above 1.01 or bulk / tail ESS below 100 per chain, naming
+                the site and the number (or, for HMC, a trajectory far shorter than the posterior's scale).
         """
         check_model(model)
         args, kwargs = prepare_data(args, kwargs, self.device)
@@ -108,6 +119,7 @@ class _Hamiltonian:
         if diagnostics.pop("kernel_compiled", False):
             jitted = "kernel"
         diagnostics.update(jit=jitted, vectorised_over_chains=potential.vectorised)
+        diagnostics.update(chain_diagnostics({site.name: draws[site.name] for site in potential.sites}))
         self._report(diagnostics)
         posterior = Posterior(model, args, kwargs, draws=draws, sample_stats=stats, diagnostics=diagnostics, engine=self.engine_name)
         if self.evidence == "bridge":
@@ -150,6 +162,7 @@ class _Hamiltonian:
         if not bool(torch.isfinite(energy).all()):
             raise ValueError("init has a non-finite potential for some chain")
         flat, stats, diagnostics = self._sample(potential_and_grad, PhasePoint(init, torch.zeros_like(init), energy, grad))
+        diagnostics.update(chain_diagnostics({"z": flat}))
         self._report(diagnostics)
         return Posterior(None, draws={"z": flat}, sample_stats=stats, diagnostics=diagnostics, engine=self.engine_name)
 
@@ -174,7 +187,8 @@ class _Hamiltonian:
         if graphs_only:  # inference tensors cannot enter autograd later: hand out ordinary copies
             draws = draws.clone()
             stats = {name: value.clone() for name, value in stats.items()}
-            for name in ("inverse_mass_matrix_diagonal", "inverse_mass_matrix"):
+            for name in ("inverse_mass_matrix_diagonal", "inverse_mass_matrix", "trajectory_length", "curvature_scale",
+                         "posterior_scale_in_metric_units"):
                 if name in diagnostics:
                     diagnostics[name] = diagnostics[name].clone()
         diagnostics["kernel_compiled"] = kernel_compiled
@@ -206,15 +220,18 @@ class _Hamiltonian:
         variance = self._window_estimator(point.z, inv_mass)
         zeros = point.z.new_zeros
         draws = zeros(self.num_samples, chains, dim)
-        stats = {name: zeros(self.num_samples, chains) for name in self._stat_names()}
+        stats: dict[str, torch.Tensor] = {}
+        # Sums of z, g, z^2 and z g over the draws: the regression slope of the gradient on the position,
+        # Cov(z, g) / Var(z), is the posterior's curvature where it is near Gaussian, wherever the chain is.
+        moments = [zeros(chains, dim) for _ in range(4)]
         warmup_divergences = zeros(chains)
         bar = tqdm(total=total, desc=self.engine_name, disable=not self.progress, leave=False)
         for i in range(total):
             point, info = transition(point, step, inv_mass)
             if i < warmup:
-                warmup_divergences = warmup_divergences + info["diverging"].to(warmup_divergences.dtype)
+                warmup_divergences = warmup_divergences + info.diverging.to(warmup_divergences.dtype)
                 if self.adapt_step_size:
-                    step = averaging.update(info["accept_prob"])
+                    step = averaging.update(info.acceptance_rate)
                 if i in in_window:
                     variance.update(point.z)
                 if i + 1 in window_ends:
@@ -228,17 +245,16 @@ class _Hamiltonian:
             else:
                 j = i - warmup
                 draws[j] = point.z
-                for name in stats:
-                    if name == "step_size":
-                        stats[name][j] = step
-                    elif name == "potential_energy":
-                        stats[name][j] = point.potential
-                    else:
-                        stats[name][j] = info[name].to(draws.dtype)
+                for total_, term in zip(moments, (point.z, point.grad, point.z * point.z, point.z * point.grad)):
+                    total_.add_(term)
+                row = {"lp": -point.potential, "step_size": step, **info._asdict()}
+                if not stats:
+                    stats = {name: zeros((self.num_samples,) + value.shape, dtype=value.dtype) for name, value in row.items()}
+                for name, value in row.items():
+                    stats[name][j] = value
             bar.update()
         bar.close()
         stats = {name: value.transpose(0, 1) for name, value in stats.items()}
-        stats["diverging"] = stats["diverging"].bool()
         per_chain = stats["diverging"].sum(1)
         diagnostics = {
             "num_divergences": int(per_chain.sum()),
@@ -246,15 +262,16 @@ class _Hamiltonian:
             "warmup_divergences": int(warmup_divergences.sum()),
             "step_size": step.tolist(),
             "inverse_mass_matrix_diagonal": inv_mass.diagonal(dim1=-2, dim2=-1).clone() if self.dense_mass else inv_mass,
-            "mean_accept_prob": float(stats["accept_prob"].mean()),
-            "num_gradient_evaluations": int(stats["num_steps"].sum()),
+            "mean_accept_prob": float(stats["acceptance_rate"].mean()),
+            "num_gradient_evaluations": int(stats["n_steps"].sum()),
         }
         if self.dense_mass:
             diagnostics["inverse_mass_matrix"] = inv_mass
+        mean_z, mean_g, mean_zz, mean_zg = (m / self.num_samples for m in moments)
+        slope = (mean_zg - mean_z * mean_g) / (mean_zz - mean_z * mean_z)
+        diagnostics["curvature_scale"] = torch.where(slope > 0, slope.clamp(min=torch.finfo(slope.dtype).tiny).rsqrt(),
+                                                     torch.full_like(slope, math.nan))
         return draws.transpose(0, 1).contiguous(), stats, diagnostics
-
-    def _stat_names(self):
-        return ["accept_prob", "diverging", "num_steps", "step_size", "potential_energy"]
 
     def _report(self, diagnostics: dict) -> None:
         count = diagnostics["num_divergences"]
@@ -267,6 +284,7 @@ class _Hamiltonian:
                 DivergentTransitionWarning,
                 stacklevel=3,
             )
+        check_chains(self.engine_name, diagnostics, self.num_chains, stacklevel=4)
 
 
 class NUTS(_Hamiltonian):
@@ -313,9 +331,9 @@ class NUTS(_Hamiltonian):
         >>> import pyro.distributions as dist
         >>> def model():
         ...     pyro.sample("s", dist.LogNormal(0.0, 0.5))
-        >>> post = NUTS(num_samples=50, warmup_steps=100, num_chains=2, progress=False).fit(model)
-        >>> post.draws()["s"].shape, post.sample_stats["diverging"].shape
-        (torch.Size([2, 50]), torch.Size([2, 50]))
+        >>> post = NUTS(num_samples=1000, warmup_steps=200, num_chains=2, progress=False).fit(model)
+        >>> post.draws()["s"].shape, post.sample_stats["diverging"].shape, post.diagnostics["max_r_hat"] < 1.01
+        (torch.Size([2, 1000]), torch.Size([2, 1000]), True)
     """
 
     engine_name = "NUTS"
@@ -325,45 +343,112 @@ class NUTS(_Hamiltonian):
                  step_size: float | None = None, adapt_step_size: bool = True, adapt_mass_matrix: bool = True,
                  init_radius: float = 2.0, evidence: str | None = None, dense_mass: bool = False, device=None,
                  progress: bool = True):
-        super().__init__(num_samples, warmup_steps, num_chains, target_accept_prob, step_size, adapt_step_size,
-                         adapt_mass_matrix, jit, init_radius, device, progress, evidence, dense_mass)
+        super().__init__(num_samples=num_samples, warmup_steps=warmup_steps, num_chains=num_chains,
+                         target_accept_prob=target_accept_prob, step_size=step_size, adapt_step_size=adapt_step_size,
+                         adapt_mass_matrix=adapt_mass_matrix, jit=jit, init_radius=init_radius, device=device,
+                         progress=progress, evidence=evidence, dense_mass=dense_mass)
         self.max_tree_depth = _check_int("max_tree_depth", max_tree_depth, 1)
 
     def _kernel(self, potential_and_grad, functional_potential_and_grad):
         kernel = NUTSKernel(potential_and_grad, self.max_tree_depth, functional_potential_and_grad)
         return kernel.step, kernel.compile
 
-    def _stat_names(self):
-        return super()._stat_names() + ["tree_depth"]
-
 
 class HMC(_Hamiltonian):
-    """Hamiltonian Monte Carlo with a fixed number of leapfrog steps per draw, batched over chains.
+    """Hamiltonian Monte Carlo with a jittered trajectory length, batched over chains.
+
+    Each transition integrates for a trajectory of length ``trajectory_length`` (in the units that the
+    adapted metric whitens, where the posterior's scale is about 1), jittered per chain and transition by
+    a uniform factor in [0.5, 1.5] so that no trajectory stays near a period of the dynamics (a fixed length
+    can return a Gaussian coordinate almost to where it started, every time). The number of leapfrog steps
+    follows the step size: ``ceil(length / step_size)``, at most ``max_num_steps``. With ``num_steps``
+    given, that many steps (jittered by the same factor) are taken instead, whatever the step size.
+
+    After sampling, a trajectory far shorter than the posterior's scale (the mean trajectory under a
+    quarter of the largest posterior sd in the metric's units, that sd read off the draws' gradients:
+    ``diagnostics["curvature_scale"]``, ``sqrt(Var(z) / Cov(z, dU/dz))`` per chain and coordinate, exact
+    for a Gaussian posterior even where the chain has not moved; e.g. a small ``num_steps`` with
+    ``adapt_mass_matrix=False`` on a wide posterior) raises a
+    :class:`~bmm_ppl.inference.errors.ChainDiagnosticsWarning`, as do failed R-hat / ESS checks.
 
     Args:
-        num_steps: leapfrog steps per transition. Other arguments as for :class:`NUTS`.
+        num_steps: a fixed number of leapfrog steps per transition (jittered), or ``None`` (default) to set
+            it from ``trajectory_length`` and the adapted step size.
+        trajectory_length: the mean integration time in whitened units (default pi / 2: a quarter period
+            of a unit Gaussian coordinate, so that successive draws are nearly independent; with the jitter
+            the autocorrelation of the draws averages 0 there and that of their squares about 0.2).
+        max_num_steps: the cap on leapfrog steps per transition.
+        Other arguments as for :class:`NUTS`.
+
+    ``diagnostics["trajectory_length"]``: Tensor[C], each chain's mean ``step_size * n_steps`` after warm-up.
 
     Example:
         >>> import pyro.distributions as dist
         >>> def model():
         ...     pyro.sample("m", dist.Normal(0.0, 1.0))
-        >>> HMC(num_samples=20, warmup_steps=100, num_steps=5, progress=False).fit(model).draws()["m"].shape
-        torch.Size([1, 20])
+        >>> post = HMC(num_samples=1000, warmup_steps=200, progress=False).fit(model)
+        >>> post.draws()["m"].shape, post.diagnostics["max_r_hat"] < 1.01
+        (torch.Size([1, 1000]), True)
     """
 
     engine_name = "HMC"
 
     def __init__(self, num_samples: int = 1000, warmup_steps: int = 500, num_chains: int = 1,
-                 target_accept_prob: float = 0.8, num_steps: int = 10, jit: bool = True,
+                 target_accept_prob: float = 0.8, num_steps: int | None = None,
+                 trajectory_length: float = math.pi / 2, max_num_steps: int = 1023, jit: bool = True,
                  step_size: float | None = None, adapt_step_size: bool = True, adapt_mass_matrix: bool = True,
                  init_radius: float = 2.0, evidence: str | None = None, dense_mass: bool = False, device=None,
                  progress: bool = True):
-        super().__init__(num_samples, warmup_steps, num_chains, target_accept_prob, step_size, adapt_step_size,
-                         adapt_mass_matrix, jit, init_radius, device, progress, evidence, dense_mass)
-        self.num_steps = _check_int("num_steps", num_steps, 1)
+        super().__init__(num_samples=num_samples, warmup_steps=warmup_steps, num_chains=num_chains,
+                         target_accept_prob=target_accept_prob, step_size=step_size, adapt_step_size=adapt_step_size,
+                         adapt_mass_matrix=adapt_mass_matrix, jit=jit, init_radius=init_radius, device=device,
+                         progress=progress, evidence=evidence, dense_mass=dense_mass)
+        self.num_steps = None if num_steps is None else _check_int("num_steps", num_steps, 1)
+        if isinstance(trajectory_length, bool) or not isinstance(trajectory_length, (int, float)) or not trajectory_length > 0:
+            raise ValueError(f"trajectory_length must be a positive number, got {trajectory_length!r}")
+        self.trajectory_length = float(trajectory_length)
+        self.max_num_steps = _check_int("max_num_steps", max_num_steps, 1)
+
+    def _steps(self, step_size: torch.Tensor) -> torch.Tensor:
+        """This transition's leapfrog steps per chain, Tensor[C]: the nominal count (fixed, or the
+        trajectory length over the step size) times a uniform jitter in [0.5, 1.5], rounded up."""
+        jitter = 0.5 + torch.rand_like(step_size)
+        if self.num_steps is None:
+            steps = torch.ceil(jitter * self.trajectory_length / step_size)
+        else:
+            steps = torch.ceil(jitter * self.num_steps)
+        return steps.clamp(1, self.max_num_steps)
 
     def _kernel(self, potential_and_grad, functional_potential_and_grad):
         def transition(point, step_size, inv_mass):
-            return hmc_step(point, step_size, inv_mass, potential_and_grad, self.num_steps)
+            return hmc_step(point, step_size, inv_mass, potential_and_grad, self._steps(step_size))
 
         return transition, None
+
+    def _loop(self, potential_and_grad, point, transition, step, inv_mass):
+        draws, stats, diagnostics = super()._loop(potential_and_grad, point, transition, step, inv_mass)
+        trajectory = (stats["step_size"] * stats["n_steps"]).mean(1)  # (C,) in whitened units
+        diagnostics["trajectory_length"] = trajectory
+        # The posterior's scale in the metric's units, per chain: the largest over coordinates of the sd
+        # that the gradients' curvature implies (not the draws' spread, which a stuck chain keeps small).
+        variance = diagnostics["inverse_mass_matrix_diagonal"]  # the adapted metric's diagonal, (C, D)
+        scale = torch.nan_to_num(diagnostics["curvature_scale"] / variance.sqrt(), nan=0.0).amax(-1)
+        diagnostics["posterior_scale_in_metric_units"] = scale
+        short = trajectory < 0.25 * scale
+        diagnostics["trajectory_too_short"] = bool(short.any())
+        return draws, stats, diagnostics
+
+    def _report(self, diagnostics: dict) -> None:
+        if diagnostics["trajectory_too_short"]:
+            ratio = diagnostics["trajectory_length"] / diagnostics["posterior_scale_in_metric_units"]
+            chain = int(ratio.argmin())
+            length, scale = float(diagnostics["trajectory_length"][chain]), float(diagnostics["posterior_scale_in_metric_units"][chain])
+            warnings.warn(
+                f"HMC: the trajectory (step_size * n_steps = {length:.3g} in the metric's units, chain {chain}) is "
+                f"far shorter than the posterior's scale there (sd {scale:.3g}): the chain moves by a random walk. "
+                f"Leave num_steps=None (the trajectory then follows trajectory_length), raise num_steps, or adapt "
+                f"the mass matrix.",
+                ChainDiagnosticsWarning,
+                stacklevel=4,
+            )
+        super()._report(diagnostics)

@@ -34,6 +34,16 @@ from bmm_ppl.inference.hmc.integrator import PhasePoint, is_dense, kinetic_energ
 MAX_ENERGY_ERROR = 1000.0  # Stan's threshold on H(new) - H(start) for calling a transition divergent
 
 
+class NUTSInfo(NamedTuple):
+    """What one NUTS transition reports per chain (every field ``Tensor[C]``, ArviZ's sample-stat names)."""
+
+    acceptance_rate: torch.Tensor  # mean over the trajectory's leapfrog steps of min(1, exp(H0 - H))
+    diverging: torch.Tensor  # bool: the energy error passed MAX_ENERGY_ERROR
+    energy: torch.Tensor  # the Hamiltonian at the drawn point (its own momentum), for BFMI
+    n_steps: torch.Tensor  # leapfrog steps taken
+    tree_depth: torch.Tensor  # doublings taken
+
+
 class Trajectory(NamedTuple):
     """The trajectory built so far in one transition (every field per chain)."""
 
@@ -48,6 +58,7 @@ class Trajectory(NamedTuple):
     proposal_z: torch.Tensor  # the multinomially sampled point
     proposal_potential: torch.Tensor
     proposal_grad: torch.Tensor
+    proposal_delta: torch.Tensor  # Tensor[C]: H(proposal) - H0, for the energy at the draw
     log_weight: torch.Tensor  # Tensor[C]: log sum over points of exp(H0 - H)
     r_sum: torch.Tensor  # Tensor[C, D]: sum of the points' momenta
     active: torch.Tensor  # Tensor[C] bool: still doubling
@@ -67,6 +78,7 @@ class Subtree(NamedTuple):
     proposal_z: torch.Tensor
     proposal_potential: torch.Tensor
     proposal_grad: torch.Tensor
+    proposal_delta: torch.Tensor  # Tensor[C]: H(proposal) - H0
     log_weight: torch.Tensor  # Tensor[C]
     r_sum: torch.Tensor  # Tensor[C, D]
     r_checkpoints: torch.Tensor  # Tensor[C, K, D]: momentum of the leaf opening each open sub-subtree
@@ -103,7 +115,7 @@ def begin_doubling(tree: Trajectory, step_size: torch.Tensor, inv_mass: torch.Te
     step_inv_mass = (step.unsqueeze(-1) if is_dense(inv_mass) else step) * inv_mass
     return Subtree(
         z=z, r=torch.where(col, tree.plus_r, tree.minus_r), grad=grad, potential=potential,
-        proposal_z=z, proposal_potential=potential, proposal_grad=grad,
+        proposal_z=z, proposal_potential=potential, proposal_grad=grad, proposal_delta=torch.zeros_like(step_size),
         log_weight=torch.full_like(step_size, -math.inf), r_sum=torch.zeros_like(z),
         r_checkpoints=checkpoints, r_sum_checkpoints=checkpoints,
         building=tree.active, turning=torch.zeros_like(tree.active), diverging=torch.zeros_like(tree.active),
@@ -166,6 +178,7 @@ def add_leaf(potential_and_grad, sub: Subtree, half_inv_mass: torch.Tensor, inv_
         proposal_z=torch.where(take_col, z_new, sub.proposal_z),
         proposal_potential=torch.where(take, potential, sub.proposal_potential),
         proposal_grad=torch.where(take_col, grad, sub.proposal_grad),
+        proposal_delta=torch.where(take, delta, sub.proposal_delta),
         log_weight=merged_weight, r_sum=r_sum,
         r_checkpoints=r_checkpoints, r_sum_checkpoints=r_sum_checkpoints,
         building=still_building, turning=turning, diverging=sub.diverging | diverging,
@@ -207,6 +220,7 @@ def merge_subtree(tree: Trajectory, sub: Subtree, inv_mass: torch.Tensor) -> Tra
         proposal_z=torch.where(take_col, sub.proposal_z, tree.proposal_z),
         proposal_potential=torch.where(take, sub.proposal_potential, tree.proposal_potential),
         proposal_grad=torch.where(take_col, sub.proposal_grad, tree.proposal_grad),
+        proposal_delta=torch.where(take, sub.proposal_delta, tree.proposal_delta),
         log_weight=torch.where(valid, torch.logaddexp(tree.log_weight, sub.log_weight), tree.log_weight),
         r_sum=r_sum, active=valid & no_turn, diverging=tree.diverging | sub.diverging,
         sum_accept=tree.sum_accept + sub.sum_accept, num_steps=tree.num_steps + sub.num_steps,
@@ -229,7 +243,7 @@ def start_trajectory(point: PhasePoint, inv_mass: torch.Tensor) -> tuple[Traject
     active = torch.ones_like(energy0, dtype=torch.bool)
     tree = Trajectory(
         point.z, r0, point.grad, point.potential, point.z, r0, point.grad, point.potential,
-        point.z, point.potential, point.grad, zeros, r0, active, ~active, zeros, zeros, zeros,
+        point.z, point.potential, point.grad, zeros, zeros, r0, active, ~active, zeros, zeros, zeros,
     )
     return tree, energy0
 
@@ -266,8 +280,8 @@ class NUTSKernel:
         >>> z = torch.zeros(2, 3)
         >>> point = PhasePoint(z, z, *potential_and_grad(z))
         >>> new, info = kernel.step(point, torch.full((2,), 0.5), torch.ones(2, 3))
-        >>> new.z.shape, sorted(info)
-        (torch.Size([2, 3]), ['accept_prob', 'diverging', 'num_steps', 'tree_depth'])
+        >>> new.z.shape, info._fields
+        (torch.Size([2, 3]), ('acceptance_rate', 'diverging', 'energy', 'n_steps', 'tree_depth'))
     """
 
     def __init__(self, potential_and_grad: Callable, max_tree_depth: int = 10,
@@ -327,8 +341,7 @@ class NUTSKernel:
                 ``Tensor[C, D, D]``.
 
         Returns:
-            ``(new_point, info)`` with ``info`` = ``{"accept_prob", "diverging", "num_steps",
-            "tree_depth"}``, each Tensor[C].
+            ``(new_point, info)`` with ``info`` a :class:`NUTSInfo`.
         """
         tree, energy0 = start_trajectory(point, inv_mass)
         half_inv_mass = 0.5 * inv_mass
@@ -346,12 +359,13 @@ class NUTSKernel:
             tree, sub = Trajectory(*merged[:_TREE_FIELDS]), merged[_TREE_FIELDS:]
             if not bool(sub[-1]):  # the next subtree's any_building: no chain is still doubling
                 break
-        info = {
-            "accept_prob": tree.sum_accept / tree.num_steps.clamp(min=1),
-            "diverging": tree.diverging,
-            "num_steps": tree.num_steps,
-            "tree_depth": tree.tree_depth,
-        }
+        info = NUTSInfo(
+            acceptance_rate=tree.sum_accept / tree.num_steps.clamp(min=1),
+            diverging=tree.diverging,
+            energy=energy0 + tree.proposal_delta,
+            n_steps=tree.num_steps,
+            tree_depth=tree.tree_depth,
+        )
         return PhasePoint(tree.proposal_z, tree.minus_r, tree.proposal_potential, tree.proposal_grad), info
 
 
@@ -387,6 +401,6 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def nuts_step(point: PhasePoint, step_size: torch.Tensor, inv_mass: torch.Tensor, potential_and_grad,
-              max_tree_depth: int = 10) -> tuple[PhasePoint, dict[str, torch.Tensor]]:
+              max_tree_depth: int = 10) -> tuple[PhasePoint, NUTSInfo]:
     """One NUTS transition of every chain, eagerly (see :class:`NUTSKernel` for the arguments)."""
     return NUTSKernel(potential_and_grad, max_tree_depth).step(point, step_size, inv_mass)

@@ -19,7 +19,14 @@ from bmm_ppl.inference.program.minibatch import (
 from bmm_ppl.inference.posterior import Posterior
 from bmm_ppl.inference.program.potential import ModelPotential, check_model, constrained_draws, uniform_init
 from bmm_ppl.validation import prepare_data
-from bmm_ppl.inference.sgmcmc.kernels import psgld_update, sghmc_update, sgld_update
+from bmm_ppl.inference.chain_diagnostics import chain_diagnostics, check_chains
+from bmm_ppl.inference.sgmcmc.adaptation import (
+    curvature_final,
+    curvature_init,
+    curvature_update,
+    stein_variance_ratio,
+)
+from bmm_ppl.inference.sgmcmc.kernels import preconditioned_sgld_update, psgld_update, sghmc_update, sgld_update
 
 
 class SGMCMCMethod(StrEnum):
@@ -32,6 +39,24 @@ class SGMCMCMethod(StrEnum):
 _CHECK_EVERY = 100
 
 _UPDATES = {SGMCMCMethod.SGLD: sgld_update, SGMCMCMethod.PSGLD: psgld_update, SGMCMCMethod.SGHMC: sghmc_update}
+
+# The adaptive SGLD warm-up (``lr=None``): the first window's step in the model's own coordinates; the
+# later windows' step in whitened units (small: their preconditioner is still being refined); windows end
+# at these fractions of the warm-up, and the rest of it runs with the final preconditioner and step.
+_FIRST_WINDOW_LR = 1e-3
+_EARLY_WHITENED_STEP = 0.1
+_WINDOW_ENDS = (0.05, 0.15, 0.35, 0.75)
+_DENSE_UP_TO = 200  # dimensions up to which the adapted preconditioner is dense
+
+
+def adaptation_windows(warmup_steps: int) -> list[int]:
+    """The steps at which the adaptive SGLD warm-up re-estimates its preconditioner.
+
+    Example:
+        >>> adaptation_windows(1000)
+        [50, 150, 350, 750]
+    """
+    return [int(round(f * warmup_steps)) for f in _WINDOW_ENDS]
 
 
 def polynomial_decay(lr: float, gamma: float = 0.55, t0: float = 100.0) -> Callable[[int], float]:
@@ -57,8 +82,14 @@ class SGLD:
         num_samples: draws kept per chain (after burn-in and thinning).
         warmup_steps: burn-in steps, discarded.
         num_chains: chains, started uniformly in ``[-2, 2]`` in unconstrained space.
-        lr: the step size, a number or a schedule ``step -> step size`` (e.g. :func:`polynomial_decay`).
+        lr: the step size, a number or a schedule ``step -> step size`` (e.g. :func:`polynomial_decay`),
+            or ``None`` (default): for ``"sgld"``, adapt a constant preconditioner and step during warm-up
+            (below); for the other methods, ``1e-3``.
         method: ``"sgld"``, ``"psgld"`` or ``"sghmc"``.
+        whitened_step_size: with ``lr=None``, the step after warm-up in the units the adapted preconditioner
+            whitens. On a Gaussian posterior it inflates the variance by ``1 / (1 - step / 2)`` (0.25: sds
+            about 7% too large) and gives an autocorrelation of about ``1 - step`` between draws; smaller
+            is more exact and mixes more slowly.
         batch_size: minibatch size (``None``: full data).
         thin: keep every ``thin``-th draw.
         temperature: scales the injected noise (1 samples the posterior; < 1 a cold posterior).
@@ -72,6 +103,23 @@ class SGLD:
             Python code runs only while recording (side effects happen once); ``False`` runs eagerly.
         device: move the data here first; progress: tqdm bar.
 
+    With ``lr=None`` and ``method="sgld"`` the warm-up adapts: it starts with a step of 1e-3, and at 5%,
+    15%, 35% and 75% of ``warmup_steps`` regresses the window's gradients on its positions, whose slope is
+    the posterior's curvature ``H`` where it is near Gaussian (:mod:`~bmm_ppl.inference.sgmcmc.adaptation`),
+    and preconditions by ``M = H^-1`` (dense up to 200 dimensions, else diagonal) with a whitened step
+    (0.1, then ``whitened_step_size`` for the last quarter and for sampling). ``diagnostics`` then holds
+    ``inverse_metric`` and ``whitened_step_size``; ``sample_stats["step_size"]`` is the whitened step.
+
+    Every run reports ``diagnostics["stein_variance_ratio"]``: ``trace(Cov(z, grad U)) / D`` over the
+    sampling steps in the unconstrained coordinates (the same in any linear coordinates), which Stein's
+    identity makes 1 for exact draws; above 1 it estimates the factor by which the discretisation (and
+    minibatch noise) inflates the variances on average, and ``sd_inflation_estimate`` is its square root.
+    It is an estimate of the bias from the same draws (with their Monte-Carlo error), exact in expectation
+    only for a Gaussian posterior, and it does not see a bias in the means.
+
+    The chains are checked at the end (split R-hat, bulk and tail ESS per latent site in ``diagnostics``,
+    a :class:`~bmm_ppl.inference.errors.ChainDiagnosticsWarning` when R-hat > 1.01 or ESS < 100 per chain).
+
     Minibatches walk through a fresh permutation of the data each epoch; the last ``n mod batch_size`` rows
     of a permutation are skipped, so every minibatch has the same size (one capture serves all).
 
@@ -83,22 +131,25 @@ class SGLD:
         >>> import pyro.distributions as dist
         >>> def model():
         ...     pyro.sample("m", dist.Normal(torch.tensor(0.0), 1.0))
-        >>> SGLD(num_samples=20, warmup_steps=10, lr=0.1, progress=False).fit(model).draws()["m"].shape
-        torch.Size([1, 20])
+        >>> post = SGLD(num_samples=2000, warmup_steps=200, progress=False).fit(model)
+        >>> post.draws()["m"].shape, round(post.diagnostics["whitened_step_size"], 2)
+        (torch.Size([1, 2000]), 0.25)
     """
 
-    def __init__(self, num_samples: int = 1000, warmup_steps: int = 1000, num_chains: int = 1, lr=1e-3,
+    def __init__(self, num_samples: int = 1000, warmup_steps: int = 1000, num_chains: int = 1, lr=None,
                  method: str | SGMCMCMethod = "sgld", batch_size: int | None = None, thin: int = 1,
                  temperature: float = 1.0, friction: float = 0.1, preconditioner_decay: float = 0.99,
-                 jit: bool = True, device=None, progress: bool = True):
+                 whitened_step_size: float = 0.25, jit: bool = True, device=None, progress: bool = True):
         for name, value, minimum in (("num_samples", num_samples, 1), ("warmup_steps", warmup_steps, 0),
                                      ("num_chains", num_chains, 1), ("thin", thin, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-        if not callable(lr) and (not isinstance(lr, (int, float)) or not lr > 0):
-            raise ValueError(f"lr must be a positive number or a schedule step -> step size, got {lr!r}")
+        if lr is not None and not callable(lr) and (not isinstance(lr, (int, float)) or not lr > 0):
+            raise ValueError(f"lr must be a positive number, a schedule step -> step size, or None, got {lr!r}")
+        if not isinstance(whitened_step_size, (int, float)) or not 0 < whitened_step_size < 2:
+            raise ValueError(f"whitened_step_size must be a number in (0, 2), got {whitened_step_size!r}")
         if not isinstance(temperature, (int, float)) or not temperature >= 0:
             raise ValueError(f"temperature must be a non-negative number, got {temperature!r}")
         if not 0 < friction <= 1:
@@ -106,8 +157,13 @@ class SGLD:
         if not 0 < preconditioner_decay < 1:
             raise ValueError(f"preconditioner_decay must be in (0, 1), got {preconditioner_decay!r}")
         self.num_samples, self.warmup_steps, self.num_chains, self.thin = num_samples, warmup_steps, num_chains, thin
-        self.lr = lr
         self.method = SGMCMCMethod.parse(method, "method")
+        self.adaptive = lr is None and self.method is SGMCMCMethod.SGLD
+        if self.adaptive and warmup_steps < 100:
+            raise ValueError(f"warmup_steps={warmup_steps} is too short to adapt the step (lr=None needs "
+                             f"warmup_steps >= 100); give lr or a longer warm-up")
+        self.lr = 1e-3 if lr is None else lr
+        self.whitened_step_size = float(whitened_step_size)
         self.batch_size = batch_size
         self.temperature = float(temperature)
         self.options = {SGMCMCMethod.SGHMC: {"friction": float(friction)},
@@ -124,7 +180,11 @@ class SGLD:
 
         Returns:
             a :class:`Posterior` with ``draws = {site: Tensor[num_chains, num_samples, *shape]}`` and
-            ``sample_stats`` ``"potential_energy"`` (the minibatch estimate) and ``"step_size"``.
+            ``sample_stats`` ``"lp"`` (the log density of each draw, a minibatch estimate with
+            ``batch_size``) and ``"step_size"``, and ``diagnostics`` with the chain checks.
+
+        Warns:
+            ChainDiagnosticsWarning: split R-hat above 1.01 or bulk / tail ESS below 100 per chain.
         """
         check_model(model)
         args, kwargs = prepare_data(args, kwargs, self.device)
@@ -134,10 +194,12 @@ class SGLD:
             z, _, _ = uniform_init(potential.potential_and_grad, self.num_chains, potential.dim, potential.dtype,
                                    potential.device)
             potential_and_grad, batches, jitted = self._minibatch_potential(potential, z, data_size)
-            flat, stats = self._run(potential_and_grad, batches, z)
+            flat, stats, run_diagnostics = self._run(potential_and_grad, batches, z)
             draws = constrained_draws(potential, flat)
         diagnostics = {"method": self.method.value, "batch_size": self.batch_size, "data_size": data_size,
-                       "vectorised_over_chains": potential.vectorised, "jit": jitted}
+                       "vectorised_over_chains": potential.vectorised, "jit": jitted, **run_diagnostics}
+        diagnostics.update(chain_diagnostics({site.name: draws[site.name] for site in potential.sites}))
+        check_chains(f"SGLD({self.method.value})", diagnostics, self.num_chains, stacklevel=3)
         return Posterior(model, args, kwargs, draws=draws, sample_stats=stats, diagnostics=diagnostics,
                          engine=f"SGLD({self.method.value})")
 
@@ -193,26 +255,56 @@ class SGLD:
         kept_draws, kept_energies, kept_step_sizes = [], [], []
         pending_energies = []  # since the last check
         state: dict = {}
+        adaptive = self.adaptive
+        window_ends = set(adaptation_windows(warmup)) if adaptive else set()
+        dense = z.shape[-1] <= _DENSE_UP_TO
+        window = curvature_init(z, dense) if adaptive else None
+        sampled = curvature_init(z, dense=False)  # Stein's identity over the sampling steps
+        inv_metric = factor = None
+        step_size = self._step_size(0)
         progress = tqdm(range(total), desc=f"SGLD({self.method.value})", disable=not self.progress, leave=False)
+        keep_pending = False  # the last kept draw's own potential is the next step's evaluation
         for t, batch in zip(progress, batches):
             energy, grad = potential_and_grad(z, batch)
-            step_size = self._step_size(t)
-            z, state = update(z, grad, state, step_size, temperature, **options)
+            if keep_pending:
+                kept_energies.append(energy)
+                keep_pending = False
+            if inv_metric is None:
+                step_size = self._step_size(t)
+                z_new, state = update(z, grad, state, step_size, temperature, **options)
+            else:
+                z_new, state = preconditioned_sgld_update(z, grad, state, step_size, temperature, inv_metric, factor)
+            if window is not None:
+                window = curvature_update(window, z, grad)
+                if t + 1 in window_ends:
+                    inv_metric, factor = curvature_final(window)
+                    last = t + 1 == max(window_ends)
+                    step_size = self.whitened_step_size if last else _EARLY_WHITENED_STEP
+                    window = None if last else curvature_init(z, dense)
+            if t >= warmup:
+                sampled = curvature_update(sampled, z, grad)
+            z = z_new
             pending_energies.append(energy)
             if t >= warmup and (t - warmup) % thin == 0:
                 kept_draws.append(z)
-                kept_energies.append(energy)
                 kept_step_sizes.append(step_size)
+                keep_pending = True
             if len(pending_energies) == _CHECK_EVERY or t == total - 1:
                 energies = torch.stack(pending_energies)
                 if not bool(torch.isfinite(energies).all() & torch.isfinite(z).all()):
                     self._diverged(energies, t)
                 pending_energies = []
         draws = torch.stack(kept_draws, 1)  # (chain, draw, D)
-        stats = {"potential_energy": torch.stack(kept_energies, 1),
+        if keep_pending:
+            kept_energies.append(potential_and_grad(z, next(batches))[0])
+        stats = {"lp": -torch.stack(kept_energies, 1),
                  "step_size": torch.tensor(kept_step_sizes, dtype=z.dtype, device=z.device)
                  .unsqueeze(0).expand(z.shape[0], -1).contiguous()}
-        return draws, stats
+        ratio = float(stein_variance_ratio(sampled).mean())
+        diagnostics = {"stein_variance_ratio": ratio, "sd_inflation_estimate": max(ratio, 0.0) ** 0.5}
+        if inv_metric is not None:
+            diagnostics.update(inverse_metric=inv_metric, whitened_step_size=self.whitened_step_size)
+        return draws, stats, diagnostics
 
     def _diverged(self, energies: torch.Tensor, t: int):
         """Raises the divergence error, naming the first step with a non-finite potential in the block

@@ -5,6 +5,8 @@ with ArviZ's bulk ESS; a standard deviation to within 10% (its relative MCSE is 
 3% for ESS >= 600, so 10% is over 3 MCSE).
 """
 
+import warnings
+
 import arviz as az
 import numpy as np
 import pyro
@@ -12,10 +14,16 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from bmm_ppl.inference import Exact, UnsupportedModelError
+from bmm_ppl.inference import ChainDiagnosticsWarning, Exact, UnsupportedModelError
 from bmm_ppl.inference.hmc import HMC, NUTS, DivergentTransitionWarning
 from bmm_ppl.models import BayesianLinearRegression, polynomial_features
 from tests.conftest import default_device
+
+
+# Runs kept deliberately short (their subject is not the posterior: capture equivalence, devices, shapes,
+# a deterministic descent): their chains fail the end-of-run checks by design, so that warning is filtered
+# here and only here. Every statistical test below runs with the checks on.
+short_run = pytest.mark.filterwarnings("ignore::bmm_ppl.inference.errors.ChainDiagnosticsWarning")
 
 
 def regression_data(n=20, dtype=torch.float64, device="cpu"):
@@ -65,7 +73,7 @@ def test_nuts_recovers_the_conjugate_posterior_with_several_chains():
     assert w.shape == (4, 400, 2) and w.dtype == torch.float64
     assert_matches(w, mean, sd)
     assert (rhat(w) <= 1.01).all()
-    for name in ("diverging", "accept_prob", "step_size", "tree_depth", "num_steps", "potential_energy"):
+    for name in ("diverging", "acceptance_rate", "step_size", "tree_depth", "n_steps", "lp", "energy"):
         assert post.sample_stats[name].shape == (4, 400)
     assert post.diagnostics["num_divergences"] == 0
     assert post.engine == "NUTS"
@@ -98,7 +106,13 @@ def test_dense_mass_matrix_recovers_a_strongly_correlated_posterior_in_fewer_ste
     runs = {}
     for dense in (False, True):
         pyro.set_rng_seed(0)
-        runs[dense] = NUTS(num_samples=500, warmup_steps=300, num_chains=2, dense_mass=dense, progress=False).fit(model, x, y)
+        engine = NUTS(num_samples=500, warmup_steps=300, num_chains=2, dense_mass=dense, progress=False)
+        if dense:  # checked against the exact posterior below, with the chain checks on
+            runs[dense] = engine.fit(model, x, y)
+        else:  # the diagonal metric mixes slowly on this posterior (the point of the comparison); it may say so
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ChainDiagnosticsWarning)
+                runs[dense] = engine.fit(model, x, y)
     post = runs[True]
     assert_matches(post.draws()["w"], mean, sd)
     metric = post.diagnostics["inverse_mass_matrix"]
@@ -108,10 +122,11 @@ def test_dense_mass_matrix_recovers_a_strongly_correlated_posterior_in_fewer_ste
     preconditioned = whitening @ covariance @ whitening.transpose(-1, -2)
     assert (torch.linalg.cond(preconditioned) < 5).all(), torch.linalg.eigvalsh(preconditioned)
     torch.testing.assert_close(post.diagnostics["inverse_mass_matrix_diagonal"], metric.diagonal(dim1=-2, dim2=-1))
-    steps = {dense: float(run.sample_stats["num_steps"].mean()) for dense, run in runs.items()}
+    steps = {dense: float(run.sample_stats["n_steps"].mean()) for dense, run in runs.items()}
     assert steps[True] < 0.6 * steps[False], steps
 
 
+@short_run
 def test_dense_mass_jit_gives_the_same_chain():
     x, y = regression_data()
     model = BayesianLinearRegression(polynomial_features(1), alpha=1.0, beta=10.0)
@@ -154,6 +169,7 @@ def test_constrained_site_is_sampled_with_its_jacobian(engine):
     assert_matches(s, torch.tensor([1.5], dtype=torch.float64), torch.tensor([3**0.5 / 2], dtype=torch.float64))
 
 
+@short_run
 def test_float32_and_deterministic_sites():
     def model(y):
         loc = pyro.sample("loc", dist.Normal(torch.zeros((), dtype=y.dtype), 10.0))
@@ -192,12 +208,14 @@ def test_centred_funnel_reports_divergences():
     # Short chains rarely reach the funnel's neck, so run 16 of them (one batched potential call per step)
     # with a tree depth of 5 to stay fast; chains that do reach it blow up the energy error.
     engine = NUTS(num_samples=60, warmup_steps=60, num_chains=16, max_tree_depth=5, progress=False)
-    with pytest.warns(DivergentTransitionWarning, match="diverged"):
-        post = engine.fit(funnel)
+    with pytest.warns(ChainDiagnosticsWarning, match="R-hat|ESS"):  # the chains do not mix either
+        with pytest.warns(DivergentTransitionWarning, match="diverged"):
+            post = engine.fit(funnel)
     assert post.sample_stats["diverging"].dtype == torch.bool
     assert post.diagnostics["num_divergences"] == int(post.sample_stats["diverging"].sum()) > 0
 
 
+@short_run
 def test_jit_capture_gives_the_same_chain():
     x, y = regression_data()
 
@@ -214,12 +232,13 @@ def test_jit_capture_gives_the_same_chain():
     torch.testing.assert_close(runs[True].draws()["w"], runs[False].draws()["w"], rtol=1e-6, atol=1e-8)
     # The captured loop runs under inference mode; what it hands out are ordinary tensors.
     draws = runs[True].draws()["w"]
-    assert not draws.is_inference() and not runs[True].sample_stats["accept_prob"].is_inference()
+    assert not draws.is_inference() and not runs[True].sample_stats["acceptance_rate"].is_inference()
     scale = torch.ones((), dtype=draws.dtype, requires_grad=True)
     (draws * scale).sum().backward()
     assert scale.grad is not None
 
 
+@short_run
 def test_jit_capture_gives_the_same_chain_for_logistic_regression():
     """The Bernoulli-logit likelihood is recorded with softplus and a matrix product (the benchmark's
     model): the captured sampler retraces the eager one, draw for draw, until rounding differences grow."""
@@ -240,6 +259,7 @@ def test_jit_capture_gives_the_same_chain_for_logistic_regression():
     torch.testing.assert_close(runs[True].draws()["w"], runs[False].draws()["w"], rtol=1e-6, atol=1e-8)
 
 
+@short_run
 def test_device_discipline():
     # Data on the CPU, default device "meta": any tensor the engine creates without the data's device fails.
     x, y = regression_data()
@@ -259,6 +279,7 @@ def test_device_discipline():
 
 
 @pytest.mark.gpu
+@short_run
 def test_nuts_on_gpu():
     x, y = regression_data(device="cuda")
     model = BayesianLinearRegression(polynomial_features(1), alpha=1.0, beta=10.0)
@@ -285,6 +306,7 @@ def test_bad_settings_are_named(kwargs, match):
         NUTS(**kwargs)
 
 
+@short_run
 def test_bad_models_and_data():
     x, y = regression_data()
     model = BayesianLinearRegression(polynomial_features(1), alpha=1.0, beta=10.0)
