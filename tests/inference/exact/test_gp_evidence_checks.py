@@ -161,3 +161,27 @@ def test_empty_targets_are_refused_by_name():
     x = torch.zeros(0, 1, dtype=F64)
     with pytest.raises(ValueError, match="y"):
         GPEvidence(num_steps=1, progress=False).fit(scaled_rbf_gp(), x, torch.zeros(0, dtype=F64))
+
+
+@pytest.mark.gpu
+def test_scaled_fit_on_gpu_stays_on_the_device():
+    x, y = sine_data()
+    post = lbfgs().fit(scaled_rbf_gp(), x.cuda(), y.cuda() * 1e6)
+    assert all(v.device.type == "cuda" for v in post.hyperparameters.values())
+    assert post.diagnostics["converged"] is True
+
+
+def test_monte_carlo_convergence_test_separates_a_plateau_from_a_descent():
+    # The Monte-Carlo kernel's test on the loss trace (gradients are noisy there): the mean of the last
+    # tenth against the tenth before, allowed two standard errors plus 1e-3 per observation.
+    engine = GPEvidence(num_steps=200, progress=False)
+    p = torch.zeros(2, dtype=F64, requires_grad=True)
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(200, generator=generator, dtype=F64)
+    plateau = 100.0 + noise  # sd 1: a difference of window means has sd sqrt(2/20) = 0.32
+    descent = 100.0 + noise - torch.linspace(0, 50, 200, dtype=F64)  # falls 5 per window: > 2 se + 0.04
+    flat = engine._convergence(lambda: (p**2).sum(), [p], plateau, True, 40)
+    falling = engine._convergence(lambda: (p**2).sum(), [p], descent, True, 40)
+    assert flat["converged"] is True and falling["converged"] is False
+    window_change = abs(float(descent[-20:].mean() - descent[-40:-20].mean()))
+    assert falling["relative_change"] == pytest.approx(window_change / abs(float(descent[-20:].mean())), rel=1e-12)

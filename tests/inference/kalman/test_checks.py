@@ -144,3 +144,11 @@ def test_evidence_is_equivariant_in_the_scale_of_the_data():
     for name in ("transition_cov", "observation_cov"):
         assert float(scaled.hyperparameters[name]) == pytest.approx(1e12 * float(base.hyperparameters[name]), rel=1e-6)
     assert scaled.diagnostics["converged"] and base.diagnostics["converged"]
+
+
+@pytest.mark.gpu
+def test_boundary_check_runs_on_the_gpu():
+    with pytest.warns(HyperparameterBoundaryWarning):
+        post = Kalman(progress=False, on_boundary="clip").fit(level_model(), white_noise().cuda())
+    assert post.diagnostics["boundary"] == {"transition_cov": "0"}
+    assert post.hyperparameters["transition_cov"].device.type == "cuda"
