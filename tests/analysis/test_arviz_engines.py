@@ -127,8 +127,6 @@ def test_sgld_and_svi_stats(idatas):
 
 @THIRD_PARTY_PLOT
 def test_nuts_bfmi_and_plot_energy(fits, idatas):
-    if "energy" not in fits["nuts"]["line"].sample_stats:
-        pytest.xfail("NUTS does not record the Hamiltonian 'energy' stat yet (the engine's rename is pending)")
     idata = idatas["nuts"]["line"]
     bfmi = az.bfmi(idata)
     # BFMI per chain from its definition (Betancourt 2016): sum of squared energy changes over the sum of
