@@ -152,10 +152,11 @@ class Kalman:
 
     Example:
         >>> from bmm_ppl.models.state_space import local_level
-        >>> y = torch.randn(50, 1, dtype=torch.float64).cumsum(0)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> y = torch.randn(50, 1, generator=g, dtype=torch.float64).cumsum(0) + torch.randn(50, 1, generator=g, dtype=torch.float64)
         >>> post = Kalman(progress=False).fit(local_level(initial_mean=0.0, initial_cov=10.0), y)
-        >>> post.log_evidence.method.value, sorted(post.hyperparameters)
-        ('exact', ['observation_cov', 'transition_cov'])
+        >>> post.log_evidence.method.value, sorted(post.hyperparameters), post.diagnostics["converged"]
+        ('exact', ['observation_cov', 'transition_cov'], True)
         >>> post.latent_distribution.smoothed_means.shape
         torch.Size([50, 1])
     """
