@@ -20,7 +20,7 @@ class MatrixSize(StrEnum):
 
 
 _SETTINGS = {
-    MatrixSize.FAST: {"svi_steps": 2000, "particles": 4, "evidence_particles": 1000, "chains": 4, "warmup": 200,
+    MatrixSize.FAST: {"svi_steps": 3000, "particles": 8, "evidence_particles": 1000, "chains": 4, "warmup": 200,
                       "draws": 300, "tree_depth": 8, "sgld_warmup": 1500, "sgld_draws": 4000},
     MatrixSize.FULL: {"svi_steps": 5000, "particles": 8, "evidence_particles": 4000, "chains": 4, "warmup": 500,
                       "draws": 1000, "tree_depth": 10, "sgld_warmup": 4000, "sgld_draws": 12000},

@@ -1,0 +1,91 @@
+"""Every engine of the package on every Pyro-idiom program (bmm_ppl.testing.idioms, issue 14): each
+(program, engine) must match the exact posterior (means within 4 MCSE or 0.1 sd, sds within 10%, SVI
+15%) or, where the program allows it, be refused by name before any work; ``pyro.param`` under the
+samplers must be refused.
+
+KNOWN_FAILURES below is the one list of what fails today, with what was measured. As a fix lands, delete
+its entries: ``strict=True`` makes a fixed case fail until its entry is gone.
+"""
+
+import functools
+
+import pytest
+
+from bmm_ppl.testing.idioms import PYRO_IDIOMS, Outcome, check_idiom, check_pyro_idioms, package_engines
+
+ENGINES = package_engines("fast")
+
+REQUIRED_REFUSALS = {("param_site", engine) for engine in ("NUTS", "HMC", "SGLD")}
+
+_IMPROPER_INIT = "fit raised NotImplementedError: ImproperUniform does not support sampling (initialisation)"
+_NO_PD_BIJECTION = "fit raised NotImplementedError: Cannot transform _PositiveDefinite constraints (not a refusal)"
+_EXPAND = "fit raised RuntimeError: the expanded size of the tensor (16) must match the existing size (8): .expand([n]) " \
+          "under the particle plate"
+_COMPONENT_PLATE = "fit raised ValueError: Shape mismatch inside plate('data') at site obs dim -1, 12 vs 8 (enumeration " \
+                   "with the means in a components plate, under the particle plate)"
+
+# (program, engine) -> what fails today, as measured on 2026-12-03 at 11:00 UTC with the fast settings.
+KNOWN_FAILURES = {
+    ("obs_mask", "SVI(normal)"): "sd of 'mu' off by 31% (0.196 vs 0.286); SVI(mvn) matches",
+    ("obs_mask", "SGLD"): "sd of 'y_unobserved'[10] off by 13% (0.903 vs 1.04), split R-hat 1.17: the masked-out "
+                          "(flat) entries of y_unobserved random-walk",
+    ("subsample_plate", "SVI(normal)"): "the mean matches, but the ELBO exceeds the full-data evidence by 3.2 nats",
+    ("subsample_plate", "SVI(mvn)"): "mean of 'mu' off by 3.0 sd (0.600 vs 1.075); ELBO 18 nats below the evidence",
+    ("expand_to_event", "SVI(normal)"): _EXPAND,
+    ("expand_to_event", "SVI(mvn)"): _EXPAND,
+    ("ordered_vector", "SVI(normal)"): "sd of 'cutpoints'[0] off by 25%: a mean-field guide over correlated base "
+                                       "coordinates (an approximation limit, not a bug)",
+    ("mixture_infer_enumerate", "SVI(normal)"): _COMPONENT_PLATE,
+    ("mixture_infer_enumerate", "SVI(mvn)"): _COMPONENT_PLATE,
+    **{("wishart_precision", engine): _NO_PD_BIJECTION for engine in ENGINES},
+    **{(program, engine): _IMPROPER_INIT for program in ("improper_uniform", "improper_positive_scale")
+       for engine in ENGINES},
+}
+
+
+@functools.cache
+def _program(name):
+    return PYRO_IDIOMS[name]()
+
+
+def _cases():
+    for program in PYRO_IDIOMS:
+        for engine in ENGINES:
+            reason = KNOWN_FAILURES.get((program, engine))
+            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+            yield pytest.param(program, engine, marks=marks, id=f"{program}-{engine}")
+
+
+def _assert_expected(result, program):
+    if (program.name, result.engine) in REQUIRED_REFUSALS:
+        assert result.outcome is Outcome.REFUSED, result.cell
+    elif program.refusable:
+        assert result.outcome in (Outcome.MATCH, Outcome.REFUSED), result.cell
+    else:
+        assert result.outcome is Outcome.MATCH, result.cell
+
+
+def test_the_known_failures_name_real_cases():
+    assert all(program in PYRO_IDIOMS and engine in ENGINES for program, engine in KNOWN_FAILURES)
+
+
+@pytest.mark.parametrize("program_name,engine_name", list(_cases()))
+def test_engine_matches_or_refuses_the_idiom(program_name, engine_name):
+    program = _program(program_name)
+    _assert_expected(check_idiom(ENGINES[engine_name], program, engine_name), program)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine_name", sorted(ENGINES))
+def test_full_size_matrix(engine_name):
+    """Longer runs (``package_engines("full")``): every case outside KNOWN_FAILURES as expected."""
+    matrix = check_pyro_idioms({engine_name: package_engines("full")[engine_name]})
+    unexpected = []
+    for (name, engine), result in matrix.results.items():
+        if (name, engine) in KNOWN_FAILURES:
+            continue
+        try:
+            _assert_expected(result, _program(name))
+        except AssertionError:
+            unexpected.append(f"{name}: {result.cell}")
+    assert not unexpected, "\n" + matrix.table() + "\n" + "\n".join(unexpected)
