@@ -121,10 +121,12 @@ class SiteLayout:
 
 @dataclasses.dataclass(frozen=True)
 class ModelLayout:
-    """The sites of one run of a model (see :func:`model_layout`) and its ``pyro.factor`` terms."""
+    """The sites of one run of a model (see :func:`model_layout`), its ``pyro.factor`` terms and the latent
+    sites whose log density it scales (tempers) by ``poutine.scale``."""
 
     sites: dict
     factors: tuple
+    scaled_latents: tuple = ()
 
     def names(self, kind: str) -> list[str]:
         return [n for n, s in self.sites.items() if s.kind == kind]
@@ -166,7 +168,7 @@ def model_layout(
     with pyro.get_param_store().scope():
         runnable = poutine.condition(with_hyperparameters(model, hyperparameters), data=values)
         trace = poutine.trace(runnable).get_trace(*args, **(kwargs or {}))
-    sites, factors = {}, []
+    sites, factors, scaled = {}, [], []
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site):
             continue
@@ -189,7 +191,10 @@ def model_layout(
             sites[name] = SiteLayout(tuple(dims), shape, "observed", batch_shape)
         else:
             sites[name] = SiteLayout(tuple(dims), shape, "latent")
-    return ModelLayout(sites, tuple(factors))
+            scale = site["scale"]
+            if bool((scale != 1).any()) if isinstance(scale, torch.Tensor) else scale != 1:
+                scaled.append(name)
+    return ModelLayout(sites, tuple(factors), tuple(scaled))
 
 
 # ---------------------------------------------------------------- prior draws
@@ -203,15 +208,18 @@ def prior_draws(posterior, num_samples: int, layout: ModelLayout) -> dict[str, d
         ``{"prior": {site: Tensor[1, num_samples, *shape]}, "prior_predictive": {...}}``: latent and
         deterministic sites in ``prior``, the observed sites in ``prior_predictive``; ``{}`` with a
         :class:`~bmm_ppl.inference.errors.PriorSamplingWarning` where the prior cannot be drawn (a
-        ``pyro.factor`` term, which ``Predictive`` would drop, or an improper prior).
+        ``pyro.factor`` term or a ``poutine.scale`` on latent sites, both of which ``Predictive`` would
+        ignore, or an improper prior).
     """
+    reasons = []
     if layout.factors:
-        warnings.warn(
-            f"prior groups left out: the model's pyro.factor term(s) {list(layout.factors)} belong to the "
-            "prior but cannot be sampled; pass num_prior_samples=0 to skip them",
-            PriorSamplingWarning,
-            stacklevel=3,
-        )
+        reasons.append(f"the model's pyro.factor term(s) {list(layout.factors)} belong to the prior but cannot be sampled")
+    if layout.scaled_latents:
+        reasons.append(f"the model scales (tempers) the prior density of {list(layout.scaled_latents)}, which "
+                       "sampling its distributions would ignore")
+    if reasons:
+        warnings.warn(f"prior groups left out: {'; '.join(reasons)}; pass num_prior_samples=0 to skip them",
+                      PriorSamplingWarning, stacklevel=3)
         return {}
     observed = layout.names("observed")
     sites = list(layout.sites)

@@ -11,6 +11,7 @@ import arviz as az
 import numpy as np
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import pytest
 import torch
 from scipy.stats import norm
@@ -212,6 +213,17 @@ def test_prior_groups_are_skipped_on_request_and_refused_for_a_factor_term():
     with pytest.warns(PriorSamplingWarning, match="penalty"):
         idata = post.to_arviz()
     assert "prior" not in group_names(idata) and "posterior" in group_names(idata)
+
+    def tempered(y):
+        with poutine.scale(scale=2.0):  # p(mu)^2: a narrower prior than the Normal site says
+            mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, **F64), 1.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=y)
+
+    post = Posterior(tempered, (torch.zeros(4, **F64),), draws={"mu": torch.zeros(1, 10, **F64)})
+    with pytest.warns(PriorSamplingWarning, match=r"tempers\) the prior density of \['mu'\]"):
+        idata = post.to_arviz()
+    assert "prior" not in group_names(idata) and "log_likelihood" in group_names(idata)
 
     def improper(y):
         mu = pyro.sample("mu", dist.ImproperUniform(constraints.real, (), ()))
