@@ -9,7 +9,6 @@ carry ArviZ's names, and the prior and prior-predictive groups are drawn from th
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from typing import Callable
 
