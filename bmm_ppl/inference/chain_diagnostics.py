@@ -18,7 +18,7 @@ import warnings
 
 import numpy as np
 import torch
-from scipy import special, stats
+from scipy import special
 
 from bmm_ppl.inference.errors import ChainDiagnosticsWarning
 
@@ -33,11 +33,29 @@ def _split_chains(x: np.ndarray) -> np.ndarray:
     return np.concatenate([x[:, :half], x[:, x.shape[1] - half:]], axis=0)
 
 
+def _average_ranks(flat: np.ndarray) -> np.ndarray:
+    """Ranks 1..S along axis 0 of ``(S, P)``, tied values sharing the mean of their ranks (as
+    ``scipy.stats.rankdata(method="average")``, vectorised over columns)."""
+    size = flat.shape[0]
+    order = np.argsort(flat, axis=0, kind="stable")
+    ordered = np.take_along_axis(flat, order, axis=0)
+    starts = np.ones(ordered.shape, dtype=bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    ends = np.ones(ordered.shape, dtype=bool)
+    ends[:-1] = starts[1:]
+    position = np.arange(size)[:, None]
+    first = np.maximum.accumulate(np.where(starts, position, 0), axis=0)
+    last = np.minimum.accumulate(np.where(ends, position, size - 1)[::-1], axis=0)[::-1]
+    ranks = np.empty(ordered.shape, dtype=float)
+    np.put_along_axis(ranks, order, 0.5 * (first + last) + 1.0, axis=0)
+    return ranks
+
+
 def _z_scale(x: np.ndarray) -> np.ndarray:
     """Rank normalisation over all chains and draws, per scalar: ``Phi^-1((rank - 3/8) / (S + 1/4))``
     with average ranks for ties (a rejected proposal repeats its value)."""
     chains, draws, width = x.shape
-    ranks = stats.rankdata(x.reshape(chains * draws, width), method="average", axis=0)
+    ranks = _average_ranks(x.reshape(chains * draws, width))
     return special.ndtri((ranks - 0.375) / (chains * draws + 0.25)).reshape(x.shape)
 
 
@@ -63,10 +81,11 @@ def rank_rhat(x: np.ndarray) -> np.ndarray:
 def _autocovariance(x: np.ndarray) -> np.ndarray:
     """Biased (divided by ``N``) autocovariance over axis 1 of ``(C, N, P)``, by FFT."""
     draws = x.shape[1]
-    centred = x - x.mean(1, keepdims=True)
+    centred = np.ascontiguousarray((x - x.mean(1, keepdims=True)).transpose(0, 2, 1))  # time axis last
     size = 1 << (2 * draws - 1).bit_length()
-    spectrum = np.fft.rfft(centred, n=size, axis=1)
-    return np.fft.irfft(spectrum * np.conjugate(spectrum), n=size, axis=1)[:, :draws] / draws
+    spectrum = np.fft.rfft(centred, n=size, axis=-1)
+    power = spectrum.real**2 + spectrum.imag**2
+    return np.fft.irfft(power, n=size, axis=-1)[..., :draws].transpose(0, 2, 1) / draws
 
 
 def _ess(x: np.ndarray) -> np.ndarray:

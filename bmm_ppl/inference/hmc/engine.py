@@ -11,11 +11,11 @@ import torch
 from tqdm.auto import tqdm
 
 from bmm_ppl.inference.hmc.adaptation import (
-    DualAveraging,
-    ShrunkCovariance,
-    WelfordVariance,
     adaptation_windows,
+    dual_averaging,
     find_reasonable_step_size,
+    shrunk_covariance_estimator,
+    welford_variance,
 )
 from bmm_ppl.inference.chain_diagnostics import chain_diagnostics, check_chains
 from bmm_ppl.inference.errors import ChainDiagnosticsWarning
@@ -205,19 +205,21 @@ class _Hamiltonian:
         eye = torch.eye(dim, dtype=point.z.dtype, device=point.z.device)
         return eye.expand(chains, dim, dim).clone()
 
-    def _window_estimator(self, z: torch.Tensor, inv_mass: torch.Tensor):
-        """A fresh estimator of the next window's metric from its draws (the current metric ``inv_mass``
-        sets the coordinates of the dense estimator's shrinkage)."""
-        return ShrunkCovariance(z, inv_mass) if self.dense_mass else WelfordVariance(z)
+    def _metric_estimator(self):
+        """The ``(init, update, final)`` estimator of each window's metric from its draws (``init(z,
+        inv_mass)``: the current metric sets the coordinates of the dense estimator's shrinkage)."""
+        return shrunk_covariance_estimator() if self.dense_mass else welford_variance()
 
     def _loop(self, potential_and_grad, point: PhasePoint, transition, step: torch.Tensor, inv_mass: torch.Tensor):
         chains, dim = point.z.shape
         warmup, total = self.warmup_steps, self.warmup_steps + self.num_samples
-        averaging = DualAveraging(step, self.target_accept_prob)
+        step_init, step_update, step_final = dual_averaging(self.target_accept_prob)
+        metric_init, metric_update, metric_final = self._metric_estimator()
+        averaging = step_init(step)
         windows = adaptation_windows(warmup) if self.adapt_mass_matrix else []
         window_ends = {end for _, end in windows}
         in_window = {i for start, end in windows for i in range(start, end)}
-        variance = self._window_estimator(point.z, inv_mass)
+        variance = metric_init(point.z, inv_mass)
         zeros = point.z.new_zeros
         draws = zeros(self.num_samples, chains, dim)
         stats: dict[str, torch.Tensor] = {}
@@ -231,17 +233,18 @@ class _Hamiltonian:
             if i < warmup:
                 warmup_divergences = warmup_divergences + info.diverging.to(warmup_divergences.dtype)
                 if self.adapt_step_size:
-                    step = averaging.update(info.acceptance_rate)
+                    averaging = step_update(averaging, info.acceptance_rate)
+                    step = torch.exp(averaging.log_step)
                 if i in in_window:
-                    variance.update(point.z)
+                    variance = metric_update(variance, point.z)
                 if i + 1 in window_ends:
-                    inv_mass = variance.regularised_variance()
-                    variance = self._window_estimator(point.z, inv_mass)
+                    inv_mass = metric_final(variance)
+                    variance = metric_init(point.z, inv_mass)
                     if self.adapt_step_size:
                         step = find_reasonable_step_size(point, step, inv_mass, potential_and_grad)
-                        averaging = DualAveraging(step, self.target_accept_prob)
+                        averaging = step_init(step)
                 if i + 1 == warmup and self.adapt_step_size:
-                    step = averaging.final_step_size()
+                    step = step_final(averaging)
             else:
                 j = i - warmup
                 draws[j] = point.z
@@ -315,7 +318,7 @@ class NUTS(_Hamiltonian):
         dense_mass: adapt a dense inverse mass matrix (the covariance of each window's warm-up draws,
             its correlations shrunk toward zero by the Schafer-Strimmer intensity so that short windows give
             a nearly diagonal metric, then regularised as Stan does:
-            :class:`~bmm_ppl.inference.hmc.adaptation.ShrunkCovariance`;
+            :func:`~bmm_ppl.inference.hmc.adaptation.shrunk_covariance`;
             ``diagnostics["inverse_mass_matrix"]: Tensor[C, D, D]``) instead of a diagonal one: far fewer
             leapfrog steps per draw on strongly correlated posteriors, at O(D^2) per step.
         evidence: ``"bridge"`` to attach a bridge-sampling log evidence

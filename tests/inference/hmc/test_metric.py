@@ -2,7 +2,7 @@
 
 import torch
 
-from bmm_ppl.inference.hmc.adaptation import ShrunkCovariance, WelfordVariance
+from bmm_ppl.inference.hmc.adaptation import shrunk_covariance, shrunk_covariance_estimator, welford_variance
 from bmm_ppl.inference.hmc.integrator import kinetic_energy, sample_momentum, velocity
 
 
@@ -42,12 +42,13 @@ def test_kinetic_energy_and_velocity_of_both_metrics():
 def test_diagonal_welford_matches_torch_and_stan_regularisation():
     generator = torch.Generator().manual_seed(3)
     draws = torch.randn(50, 2, 3, generator=generator, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
-    estimate = WelfordVariance(draws[0])
+    init, update, final = welford_variance()
+    estimate = init(draws[0])
     for z in draws:
-        estimate.update(z)
+        estimate = update(estimate, z)
     n = 50
     expected = n / (n + 5) * draws.var(0, unbiased=True) + 1e-3 * 5 / (n + 5)
-    torch.testing.assert_close(estimate.regularised_variance(), expected)
+    torch.testing.assert_close(final(estimate), expected)
 
 
 def schafer_strimmer(x: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -72,10 +73,11 @@ def schafer_strimmer(x: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 def fill(draws, inv_mass=None):
-    estimate = ShrunkCovariance(draws[0], inv_mass)
+    init, update, _ = shrunk_covariance_estimator()
+    window = init(draws[0], inv_mass)
     for z in draws:
-        estimate.update(z)
-    return estimate
+        window = update(window, z)
+    return window
 
 
 def test_shrunk_covariance_matches_the_direct_formula_and_stan_regularisation():
@@ -83,14 +85,14 @@ def test_shrunk_covariance_matches_the_direct_formula_and_stan_regularisation():
     mixing = torch.tensor([[1.0, 0.8, 0.0], [0.0, 0.6, 0.3], [0.0, 0.0, 2.0]], dtype=torch.float64)
     draws = torch.randn(30, 2, 3, generator=generator, dtype=torch.float64) @ mixing
     estimate = fill(draws)
-    covariance, intensity = estimate.shrunk_covariance()
+    covariance, intensity = shrunk_covariance(estimate)
     n = 30
     for chain in range(2):
         expected, expected_intensity = schafer_strimmer(draws[:, chain])
         torch.testing.assert_close(covariance[chain], expected)
         assert abs(float(intensity[chain]) - expected_intensity) < 1e-12
         regularised = n / (n + 5) * expected + 1e-3 * 5 / (n + 5) * torch.eye(3, dtype=torch.float64)
-        torch.testing.assert_close(estimate.regularised_variance()[chain], regularised)
+        torch.testing.assert_close(shrunk_covariance_estimator()[2](estimate)[chain], regularised)
 
 
 def test_shrinkage_happens_in_the_coordinates_the_current_metric_whitens():
@@ -100,7 +102,7 @@ def test_shrinkage_happens_in_the_coordinates_the_current_metric_whitens():
     metric = random_covariance(3, generator).expand(2, 3, 3)
     lower = torch.linalg.cholesky(metric[0])
     draws = torch.randn(20, 2, 3, generator=generator, dtype=torch.float64) @ lower.T  # distributed as the metric
-    covariance, intensity = fill(draws, metric).shrunk_covariance()
+    covariance, intensity = shrunk_covariance(fill(draws, metric))
     for chain in range(2):
         whitened = torch.linalg.solve_triangular(lower, draws[:, chain].T, upper=False).T
         expected, expected_intensity = schafer_strimmer(whitened)
@@ -108,8 +110,8 @@ def test_shrinkage_happens_in_the_coordinates_the_current_metric_whitens():
         assert abs(float(intensity[chain]) - expected_intensity) < 1e-12
     # A diagonal current metric is taken as such.
     diagonal = metric[:, 0].abs() + 0.5
-    torch.testing.assert_close(fill(draws, diagonal).shrunk_covariance()[0],
-                               fill(draws, torch.diag_embed(diagonal)).shrunk_covariance()[0])
+    torch.testing.assert_close(shrunk_covariance(fill(draws, diagonal))[0],
+                               shrunk_covariance(fill(draws, torch.diag_embed(diagonal)))[0])
 
 
 def test_shrinkage_does_not_depend_on_the_coordinates_scales():
@@ -117,10 +119,10 @@ def test_shrinkage_does_not_depend_on_the_coordinates_scales():
     draws = torch.randn(15, 1, 3, generator=generator, dtype=torch.float64) @ torch.tensor(
         [[1.0, 0.7, 0.0], [0.0, 0.7, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
     scales = torch.tensor([1e-3, 1.0, 1e3], dtype=torch.float64)
-    _, intensity = fill(draws).shrunk_covariance()
-    covariance, scaled_intensity = fill(draws * scales).shrunk_covariance()
+    _, intensity = shrunk_covariance(fill(draws))
+    covariance, scaled_intensity = shrunk_covariance(fill(draws * scales))
     torch.testing.assert_close(scaled_intensity, intensity)
-    torch.testing.assert_close(covariance[0], fill(draws).shrunk_covariance()[0][0] * torch.outer(scales, scales))
+    torch.testing.assert_close(covariance[0], shrunk_covariance(fill(draws))[0][0] * torch.outer(scales, scales))
 
 
 def test_dense_momentum_factor_is_computed_once_per_metric():
@@ -143,10 +145,10 @@ def test_shrinkage_fades_with_many_draws_and_rescues_windows_shorter_than_the_di
     generator = torch.Generator().manual_seed(5)
     mixing = torch.tensor([[1.0, 0.9], [0.0, 0.4]], dtype=torch.float64)
     many = fill(torch.randn(4000, 1, 2, generator=generator, dtype=torch.float64) @ mixing)
-    _, intensity = many.shrunk_covariance()
+    _, intensity = shrunk_covariance(many)
     assert float(intensity) < 0.01  # correlation 0.91 from 4000 draws: nothing to shrink
     few = fill(torch.randn(6, 1, 20, generator=generator, dtype=torch.float64))  # 6 draws, 20 dimensions
-    covariance, intensity = few.shrunk_covariance()
+    covariance, intensity = shrunk_covariance(few)
     assert float(intensity) > 0.5  # independent coordinates: the sample correlations are mostly noise
     # The raw sample covariance has rank 5 (20 - 5 zero eigenvalues); the shrunk one is well conditioned.
     centred = torch.stack(few.draws, 1)[0] - torch.stack(few.draws, 1)[0].mean(0)
