@@ -151,6 +151,7 @@ def test_categorical_likelihood_classifies():
     assert post.log_evidence.value < 0
 
 
+@pytest.mark.filterwarnings("ignore::bmm_ppl.inference.ConvergenceWarning")  # 50 steps: shapes, not convergence
 def test_multi_output_gaussian():
     x, y = regression_data(12, 0)
     targets = torch.stack([y, -y], dim=-1)
