@@ -9,7 +9,6 @@ ESS)); the sd within 10% (its relative MCSE is about 1 / sqrt(2 ESS_tail), under
 import math
 
 import arviz as az
-import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
