@@ -24,7 +24,7 @@ _EXPAND = "fit raised RuntimeError: the expanded size of the tensor (16) must ma
 _COMPONENT_PLATE = "fit raised ValueError: Shape mismatch inside plate('data') at site obs dim -1, 12 vs 8 (enumeration " \
                    "with the means in a components plate, under the particle plate)"
 
-# (program, engine) -> what fails today, as measured on 2026-12-03 at 11:00 UTC with the fast settings.
+# (program, engine) -> what fails today, as measured on 2026-12-03, 10:50-11:20 UTC, with the fast settings.
 KNOWN_FAILURES = {
     ("obs_mask", "SVI(normal)"): "sd of 'mu' off by 31% (0.196 vs 0.286); SVI(mvn) matches",
     ("obs_mask", "SGLD"): "sd of 'y_unobserved'[10] off by 13% (0.903 vs 1.04), split R-hat 1.17: the masked-out "
@@ -37,6 +37,13 @@ KNOWN_FAILURES = {
                                        "coordinates (an approximation limit, not a bug)",
     ("mixture_infer_enumerate", "SVI(normal)"): _COMPONENT_PLATE,
     ("mixture_infer_enumerate", "SVI(mvn)"): _COMPONENT_PLATE,
+    ("mixture_infer_enumerate", "NUTS"): "mean of 'locs'[0] off by 4.7 sd (-0.535 vs -2.355), its sd 377% too large, "
+                                         "P(assignment[6]) 0.50 vs 1.00: the components plate is mis-read under "
+                                         "enumeration (config_enumerate with to_event matches)",
+    ("mixture_infer_enumerate", "HMC"): "mean of 'locs'[0] off by 4.7 sd (-0.525 vs -2.355), its sd 380% too large, "
+                                        "P(assignment[6]) 0.50 vs 1.00 (as NUTS)",
+    ("mixture_infer_enumerate", "SGLD"): "mean of 'locs'[0] off by 2.4 sd (-1.43 vs -2.355), its sd 317% too large, "
+                                         "P(assignment[6]) 0.75 vs 1.00 (as NUTS)",
     **{("wishart_precision", engine): _NO_PD_BIJECTION for engine in ENGINES},
     **{(program, engine): _IMPROPER_INIT for program in ("improper_uniform", "improper_positive_scale")
        for engine in ENGINES},
@@ -48,11 +55,21 @@ def _program(name):
     return PYRO_IDIOMS[name]()
 
 
+# CI time: on 2 shared cores the whole matrix takes far longer than CI allows (measured 11:00 UTC, a busy
+# machine: NUTS 1900 s, SGLD 1200 s, HMC 750 s, SVI 300 s per column of 32). CI runs the SVI and NUTS
+# columns and the samplers' required refusals; the HMC and SGLD columns and the enumerated mixtures under
+# NUTS (230-390 s each there) run with -m slow.
+_SLOW_COLUMNS = ("HMC", "SGLD")
+_SLOW_CASES = {("mixture_config_enumerate", "NUTS"), ("mixture_infer_enumerate", "NUTS")}
+
+
 def _cases():
     for program in PYRO_IDIOMS:
         for engine in ENGINES:
             reason = KNOWN_FAILURES.get((program, engine))
             marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+            slow = (engine in _SLOW_COLUMNS or (program, engine) in _SLOW_CASES) and (program, engine) not in REQUIRED_REFUSALS
+            marks += [pytest.mark.slow] if slow else []
             yield pytest.param(program, engine, marks=marks, id=f"{program}-{engine}")
 
 
