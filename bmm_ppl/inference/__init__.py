@@ -9,7 +9,7 @@ from bmm_ppl.inference.errors import (
     HyperparameterBoundaryWarning,
     UnsupportedModelError,
 )
-from bmm_ppl.inference.evidence import Evidence, EvidenceMethod
+from bmm_ppl.inference.evidence import Evidence, EvidenceMethod, NonFiniteEvidenceError
 from bmm_ppl.inference.exact.engine import Exact, OnBoundary
 from bmm_ppl.inference.exact.gp_evidence import GPEvidence
 from bmm_ppl.inference.hmc import HMC, NUTS, DivergentTransitionWarning
@@ -27,6 +27,7 @@ __all__ = [
     "DivergenceError",
     "DivergentTransitionWarning",
     "Evidence",
+    "NonFiniteEvidenceError",
     "EvidenceMethod",
     "Exact",
     "GPEvidence",

@@ -21,7 +21,13 @@ from pyro.ops.contract import contract_to_tensor
 
 from bmm_ppl.inference.program.batching import per_point, to_outer_plate, under_outer_plate
 from bmm_ppl.inference.errors import UnsupportedModelError
-from bmm_ppl.inference.program.sites import inspect_model, is_latent_site, is_sample_site, with_hyperparameters
+from bmm_ppl.inference.program.sites import (
+    inspect_model,
+    is_latent_site,
+    is_sample_site,
+    prototype_trace,
+    with_hyperparameters,
+)
 
 _DRAW_PLATE = "_bmm_discrete_draws"
 _BATCH_PLATE = "_bmm_enumerated_points"
@@ -34,8 +40,7 @@ def enumerated_sites(model: Callable, args: tuple, kwargs: dict) -> tuple:
     Raises:
         UnsupportedModelError: a discrete latent site whose support is not finite (e.g. a Poisson count).
     """
-    with pyro.get_param_store().scope():
-        trace = poutine.trace(model).get_trace(*args, **kwargs)
+    trace = prototype_trace(model, args, kwargs)
     names = []
     for name, site in trace.nodes.items():
         if not is_latent_site(site) or not site["fn"].support.is_discrete:
@@ -124,6 +129,7 @@ def draw_discrete(
     draws: dict[str, torch.Tensor],
     sites: tuple,
     hyperparameters: dict | None = None,
+    num_draws: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Draws of the discrete ``sites`` from their conditional posterior given each continuous draw.
 
@@ -133,6 +139,7 @@ def draw_discrete(
     Args:
         draws: ``{site: Tensor[S, *shape]}`` of the continuous latent sites.
         sites: the enumerated site names.
+        num_draws: S, needed when ``draws`` is empty (every latent site is discrete).
 
     Returns:
         ``{site: Tensor[S, *shape]}`` for each of ``sites``.
@@ -142,7 +149,7 @@ def draw_discrete(
     runnable = with_hyperparameters(model, hyperparameters)
     structure = inspect_model(runnable, args, kwargs)
     nesting = structure.max_plate_nesting
-    num_draws = next(iter(draws.values())).shape[0]
+    num_draws = next(iter(draws.values())).shape[0] if draws else int(num_draws)
     try:
         reshaped = {
             n: to_outer_plate(v, structure.sites[n].value_shape, len(structure.sites[n].event_shape), nesting)

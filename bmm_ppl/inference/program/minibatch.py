@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import copy
 
-import pyro
 from pyro.poutine.messenger import Messenger
+import pyro  # noqa: F401  (the examples below use it)
 import torch
 
 from bmm_ppl.inference.errors import UnsupportedModelError
 from bmm_ppl.inference.program.graph_capture import capture_checked
 from bmm_ppl.inference.program.potential import ModelPotential
-from bmm_ppl.inference.program.sites import is_observed_site
+from bmm_ppl.inference.program.sites import is_observed_site, prototype_trace
 
 
 class DataArguments:
@@ -141,8 +141,7 @@ def with_data_scale(potential: ModelPotential, num_data: int, factor: float) -> 
     """
     if factor == 1:
         return potential
-    with pyro.get_param_store().scope():
-        trace = pyro.poutine.trace(potential.model).get_trace(*potential.args, **potential.kwargs)
+    trace = prototype_trace(potential.model, potential.args, potential.kwargs)
     plate = data_plate(trace, num_data)
     local = [s.name for s in potential.sites if any(f.name == plate for f in trace.nodes[s.name]["cond_indep_stack"])]
     if local:

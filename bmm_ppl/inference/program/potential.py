@@ -14,7 +14,6 @@ import math
 from typing import Callable
 
 import pyro
-import pyro.poutine as poutine
 from pyro.poutine.util import site_is_subsample
 import torch
 from torch.distributions import biject_to
@@ -23,7 +22,13 @@ from bmm_ppl.inference.errors import UnsupportedModelError
 from bmm_ppl.inference.program.batching import to_outer_plate, under_outer_plate
 from bmm_ppl.inference.program.enumeration import draw_discrete, marginal_log_joint
 from bmm_ppl.inference.program.log_density import log_density
-from bmm_ppl.inference.program.sites import guess_max_plate_nesting, is_enumerated_site, is_latent_site, trace_under
+from bmm_ppl.inference.program.sites import (
+    guess_max_plate_nesting,
+    is_enumerated_site,
+    is_latent_site,
+    prototype_trace,
+    trace_under,
+)
 
 _CHAIN_PLATE = "_bmm_chains"
 
@@ -78,8 +83,7 @@ class ModelPotential:
         self.model = model
         self.args = tuple(args)
         self.kwargs = dict(kwargs or {})
-        with pyro.get_param_store().scope():
-            trace = poutine.trace(model).get_trace(*self.args, **self.kwargs)
+        trace = prototype_trace(model, self.args, self.kwargs)
         check_sampler_support(trace, allow_subsample=allow_subsample)
         self.max_plate_nesting = guess_max_plate_nesting(trace)
         self.enumerated = tuple(n for n, site in trace.nodes.items() if is_enumerated_site(site))

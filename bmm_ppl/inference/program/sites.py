@@ -14,6 +14,7 @@ from typing import Callable
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible, init_to_median
 from pyro.poutine.util import site_is_factor, site_is_subsample
 
 _MODULE_SEPARATOR = "$$$"  # how pyro.module names the params of an nn.Module
@@ -77,6 +78,26 @@ def guess_max_plate_nesting(*traces: poutine.Trace) -> int:
             if site["type"] == "sample" and not site_is_subsample(site):
                 nesting = max(nesting, site_batch_dims(site))
     return nesting
+
+
+def robust_init(site: dict) -> torch.Tensor:
+    """An initial value for a latent site: the prior median where the prior can be sampled, else a
+    feasible point of its support (``ImproperUniform`` and other priors without a sampler); Pyro's
+    ``init_to_median`` lets the sampler's ``NotImplementedError`` escape."""
+    try:
+        return init_to_median(site, fallback=init_to_feasible)
+    except NotImplementedError:
+        return init_to_feasible(site)
+
+
+def prototype_trace(model: Callable, args: tuple, kwargs: dict) -> poutine.Trace:
+    """One run of the model to read its structure: latent sites start at :func:`robust_init` values
+    (so improper priors need no sampler), inside a scoped parameter store and a forked random state (the
+    run registers nothing and leaves the caller's random stream as it was, so that an engine's draws do
+    not depend on how often it looked at the model)."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with pyro.get_param_store().scope(), torch.random.fork_rng(devices=devices):
+        return poutine.trace(InitMessenger(robust_init)(model)).get_trace(*args, **kwargs)
 
 
 def with_hyperparameters(model: Callable, hyperparameters: dict | None) -> Callable:
@@ -175,7 +196,9 @@ def inspect_model(model: Callable, args: tuple, kwargs: dict, hyperparameters: d
 
 def observed_values(model: Callable, args: tuple, kwargs: dict, hyperparameters: dict | None = None) -> dict:
     """``{site: observed value}`` for every observed site of the model run on these arguments."""
-    trace = poutine.trace(with_hyperparameters(model, hyperparameters)).get_trace(*args, **kwargs)
+    # latent sites start at robust_init values: an improper prior needs no sampler to read the data
+    runnable = InitMessenger(robust_init)(with_hyperparameters(model, hyperparameters))
+    trace = poutine.trace(runnable).get_trace(*args, **kwargs)
     return {name: site["value"] for name, site in trace.nodes.items() if is_observed_site(site)}
 
 

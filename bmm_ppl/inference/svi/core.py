@@ -80,6 +80,21 @@ def traced_log_weights(
         ``P == 1``); ``score`` sums ``log q`` over the guide sites that cannot be reparameterised, per
         particle (``None`` when all can).
     """
+    if num_particles > 1:
+        try:
+            return _traced_log_weights(model, guide, args, kwargs, num_particles, max_plate_nesting, device)
+        except (RuntimeError, ValueError, IndexError):
+            # The program does not broadcast over an outer plate (e.g. it calls ``.expand([n])``): one
+            # particle at a time (the traces returned are the last particle's).
+            runs = [_traced_log_weights(model, guide, args, kwargs, 1, max_plate_nesting, device)
+                    for _ in range(num_particles)]
+            scores = [run[1] for run in runs]
+            score = None if scores[0] is None else torch.stack(scores)
+            return torch.stack([run[0] for run in runs]), score, runs[-1][2], runs[-1][3]
+    return _traced_log_weights(model, guide, args, kwargs, num_particles, max_plate_nesting, device)
+
+
+def _traced_log_weights(model, guide, args, kwargs, num_particles, max_plate_nesting, device):
     guide_run = vectorised(guide, num_particles, max_plate_nesting, device)
     model_run = vectorised(model, num_particles, max_plate_nesting, device)
     guide_trace = poutine.trace(guide_run).get_trace(*args, **kwargs)

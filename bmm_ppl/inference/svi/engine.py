@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 from bmm_ppl.inference.svi import core as svi_core
 from bmm_ppl.inference.errors import ConvergenceWarning, DivergenceError, UnsupportedModelError
 from bmm_ppl.inference.svi.convergence import DegenerationMonitor, gradient_converged, loss_stationarity
-from bmm_ppl.inference.svi.guides import GuideLatents, is_point_mass, resolve_guide
+from bmm_ppl.inference.svi.guides import GuideLatents, guide_site_names, is_guide_function, is_point_mass, resolve_guide
 from bmm_ppl.inference.svi.iwae import elbo_from_weights, log_importance_weights, streamed_log_importance_weights
 from bmm_ppl.inference.posterior import Posterior
+from bmm_ppl.inference.program.enumeration import enumerated_sites, enumerating
 from bmm_ppl.inference.program.sites import guess_max_plate_nesting, is_latent_site
 from bmm_ppl.inference.svi.core import Schedule
 from bmm_ppl.inference.program.minibatch import DataArguments, ScaleInPlate, data_plate
@@ -225,13 +226,13 @@ class SVI:
         return data
 
     @staticmethod
-    def _structure(model, guide, args, kwargs):
+    def _structure(model, guide, args, kwargs, enumerated=()):
         """Runs guide and model once: plate depth, latent site shapes, model params; checks the guide."""
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
         latent, missing = {}, []
         for name, site in model_trace.nodes.items():
-            if not is_latent_site(site):
+            if not is_latent_site(site) or name in enumerated:
                 continue
             latent[name] = tuple(site["value"].shape)
             if name not in guide_trace.nodes:
@@ -272,15 +273,21 @@ class SVI:
             return self._fit_stream(model, args[0])
         data = self._checked_data(args, kwargs)
         args, kwargs = data.args, data.kwargs
-        guide = resolve_guide(self.guide, model)
+        # Discrete sites of finite support are summed out of the ELBO; the guide covers the rest.
+        enumerated = enumerated_sites(model, args, kwargs)
+        if enumerated and is_guide_function(self.guide):
+            # a guide of the user's that samples a discrete site keeps it (score-function gradients)
+            enumerated = tuple(n for n in enumerated if n not in guide_site_names(self.guide, args, kwargs))
+        guide = resolve_guide(self.guide, poutine.block(model, hide=list(enumerated)) if enumerated else model)
         device = data.tensors[0].device if data.tensors else self.device
         with pyro.get_param_store().scope() as param_state:
-            nesting, latent_shapes, model_params, model_trace = self._structure(model, guide, args, kwargs)
-            train_model, batches = model, None
+            nesting, latent_shapes, model_params, model_trace = self._structure(model, guide, args, kwargs, enumerated)
+            elbo_model = enumerating(model, nesting, extra_dims=1) if enumerated else model
+            train_model, batches = elbo_model, None
             if self.batch_size is not None:
                 num_data = data.tensors[0].shape[0]
                 plate = data_plate(model_trace, num_data)
-                train_model = ScaleInPlate(plate, num_data / self.batch_size)(model)
+                train_model = ScaleInPlate(plate, num_data / self.batch_size)(elbo_model)
                 batches = minibatches(num_data, self.batch_size, device)
 
             def objective(*tensors, num_particles=self.num_particles):
@@ -300,8 +307,9 @@ class SVI:
             probe = _positive_latent_probe(guide, model_trace, args, kwargs)
             loss_trace, jit_kind, report = self._train(state, objective, next_inputs, first, modules, route=route, probe=probe)
             hyperparameters = {name: pyro.param(name).detach().clone() for name in model_params}
-            log_evidence, evidence_diagnostics = self._evidence(model, guide, args, kwargs, nesting, device)
-        latents = GuideLatents(guide, args, kwargs, param_state, latent_shapes, nesting)
+            log_evidence, evidence_diagnostics = self._evidence(elbo_model, guide, args, kwargs, nesting, device)
+        latents = GuideLatents(guide, args, kwargs, param_state, latent_shapes, nesting,
+                               discrete=(model, enumerated) if enumerated else None)
         self._warn_unless_converged(report)
         diagnostics = {
             **report,
@@ -334,6 +342,11 @@ class SVI:
         for i, value in enumerate(first):
             if isinstance(value, torch.Tensor):
                 check_tensor(f"batch argument {i}", value)
+        enumerated = enumerated_sites(model, first, {})
+        if enumerated:
+            raise UnsupportedModelError(
+                f"streaming from a DataLoader does not enumerate discrete sites ({list(enumerated)}); pass the data as tensors"
+            )
         guide = resolve_guide(self.guide, model)
         device = next((t.device for t in first if isinstance(t, torch.Tensor)), self.device)
         with pyro.get_param_store().scope() as param_state:

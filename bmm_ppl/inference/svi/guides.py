@@ -18,6 +18,7 @@ import torch
 from bmm_ppl._enums import StrEnum
 from bmm_ppl.inference.latents import LATENT_DISTRIBUTIONS, LatentDistribution
 from bmm_ppl.inference.program.enumeration import draw_discrete
+from bmm_ppl.inference.program.sites import robust_init
 
 _DRAW_PLATE = "_bmm_guide_draws"
 
@@ -40,6 +41,19 @@ class GuideName(StrEnum):
         }[self]
 
 
+def is_guide_function(guide) -> bool:
+    """Whether ``guide`` is the user's own guide (a function or an ``AutoGuide`` instance), not a name or
+    an ``AutoGuide`` class that :func:`resolve_guide` builds on the model."""
+    return not isinstance(guide, (str, GuideName, type)) and callable(guide)
+
+
+def guide_site_names(guide: Callable, args: tuple, kwargs: dict) -> set:
+    """The sample sites one run of ``guide`` draws (a scoped parameter store, the random state kept)."""
+    with pyro.get_param_store().scope(), torch.random.fork_rng():
+        trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    return {name for name, site in trace.nodes.items() if site["type"] == "sample"}
+
+
 def resolve_guide(guide, model: Callable) -> Callable:
     """The guide to fit for ``model``.
 
@@ -58,10 +72,10 @@ def resolve_guide(guide, model: Callable) -> Callable:
         'AutoMultivariateNormal'
     """
     if isinstance(guide, (str, GuideName)):
-        return GuideName.parse(guide, "guide").autoguide_class(model)
+        return GuideName.parse(guide, "guide").autoguide_class(model, init_loc_fn=robust_init)
     if isinstance(guide, type):
         if issubclass(guide, autoguide.AutoGuide):
-            return guide(model)
+            return guide(model, init_loc_fn=robust_init)
         raise TypeError(f"guide must be an AutoGuide subclass when given as a class, got {guide.__name__}")
     if callable(guide):
         return guide
@@ -141,7 +155,7 @@ class GuideLatents(LatentDistribution):
             )
             if self.discrete is not None:
                 model, sites = self.discrete
-                draws.update(draw_discrete(model, self.args, self.kwargs, draws, sites))
+                draws.update(draw_discrete(model, self.args, self.kwargs, draws, sites, num_draws=int(num_samples)))
             return draws
 
     def materialise(self) -> "StoredDrawLatents":

@@ -256,3 +256,19 @@ def test_samplers_refuse_a_discrete_latent_with_unbounded_support():
 
     with pytest.raises(UnsupportedModelError, match="site 'count' is discrete with an unbounded support"):
         NUTS(num_samples=10, warmup_steps=10, progress=False).fit(poisson_latent, torch.tensor(2.0, dtype=F64))
+
+
+@pytest.mark.parametrize("guide", ["normal", "mvn"])
+def test_svi_enumerates_discrete_assignments_and_recovers_them(guide):
+    y = mixture_data()
+    pyro.set_rng_seed(0)
+    post = SVI(guide, progress=False).fit(mixture_model, y)
+    mean, sd, membership = mixture_reference(y)
+    draws = post.samples(2000)
+    # SVI criterion of the issue: means within 0.1 posterior sd (+ 4 MCSE of 2000 iid draws), sds within 15%.
+    assert ((draws["locs"].mean(0) - mean).abs() < (0.1 + 4 / math.sqrt(2000)) * sd).all(), (draws["locs"].mean(0), mean)
+    assert ((draws["locs"].std(0) / sd - 1).abs() < 0.15).all(), (draws["locs"].std(0), sd)
+    assert draws["assignment"].shape == (2000, 24)
+    # P(assignment_i = 1): a mean of 2000 draws (sd <= 0.011), plus the guide's own error: within 0.05.
+    assert ((draws["assignment"].double().mean(0) - membership).abs() < 0.05).all()
+    assert math.isfinite(post.log_evidence.value)
