@@ -22,6 +22,7 @@ from pyro.ops.contract import contract_to_tensor
 from bmm_ppl.inference.program.batching import per_point, to_outer_plate, under_outer_plate
 from bmm_ppl.inference.errors import UnsupportedModelError
 from bmm_ppl.inference.program.sites import (
+    check_supports,
     inspect_model,
     is_latent_site,
     is_sample_site,
@@ -38,9 +39,11 @@ def enumerated_sites(model: Callable, args: tuple, kwargs: dict) -> tuple:
     enumeration), found in one run (a scoped parameter store).
 
     Raises:
-        UnsupportedModelError: a discrete latent site whose support is not finite (e.g. a Poisson count).
+        UnsupportedModelError: a discrete latent site whose support is not finite (e.g. a Poisson count), or
+            a continuous one without a bijection to unconstrained space (:func:`check_supports`).
     """
     trace = prototype_trace(model, args, kwargs)
+    check_supports(trace)
     names = []
     for name, site in trace.nodes.items():
         if not is_latent_site(site) or not site["fn"].support.is_discrete:

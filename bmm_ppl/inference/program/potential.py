@@ -14,7 +14,6 @@ import math
 from typing import Callable
 
 import pyro
-from pyro.poutine.util import site_is_subsample
 import torch
 from torch.distributions import biject_to
 
@@ -23,6 +22,8 @@ from bmm_ppl.inference.program.batching import to_outer_plate, under_outer_plate
 from bmm_ppl.inference.program.enumeration import draw_discrete, marginal_log_joint
 from bmm_ppl.inference.program.log_density import log_density
 from bmm_ppl.inference.program.sites import (
+    subsampled_plates,
+    check_supports,
     guess_max_plate_nesting,
     is_enumerated_site,
     is_latent_site,
@@ -209,14 +210,15 @@ def check_sampler_support(trace, allow_subsample: bool = False) -> None:
             f"the model has pyro.param sites {params}, which a sampler cannot learn: fix them (a number) "
             f"or give them hyperpriors (a distribution), or fit them by type-II with Exact/SVI"
         )
-    if not allow_subsample:
-        for name, site in trace.nodes.items():
-            if site["type"] == "sample" and site_is_subsample(site) and site["value"].numel() < site["fn"].size:
-                raise UnsupportedModelError(
-                    f"plate {name!r} has subsample_size={site['value'].numel()} of {site['fn'].size}: a "
-                    f"subsampled plate makes the target stochastic (a fresh subsample at every evaluation), which "
-                    f"HMC/NUTS cannot sample; remove subsample_size (the full plate) or use SGLD/SVI"
-                )
+    subsampled = [] if allow_subsample else subsampled_plates(trace)
+    if subsampled:
+        plate = trace.nodes[subsampled[0]]
+        raise UnsupportedModelError(
+            f"plate {subsampled[0]!r} has subsample_size={plate['value'].numel()} of {plate['fn'].size}: a "
+            f"subsampled plate makes the target stochastic (a fresh subsample at every evaluation), which "
+            f"HMC/NUTS cannot sample; remove subsample_size (the full plate) or use SGLD/SVI"
+        )
+    check_supports(trace)
     latent, enumerated = [], []
     for name, site in trace.nodes.items():
         if not is_latent_site(site):

@@ -14,6 +14,7 @@ from typing import Callable
 import pyro
 import pyro.poutine as poutine
 import torch
+from torch.distributions import biject_to
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible, init_to_median
 from pyro.poutine.util import site_is_factor, site_is_subsample
 
@@ -86,8 +87,15 @@ def robust_init(site: dict) -> torch.Tensor:
     ``init_to_median`` lets the sampler's ``NotImplementedError`` escape."""
     try:
         return init_to_median(site, fallback=init_to_feasible)
-    except NotImplementedError:
-        return init_to_feasible(site)
+    except NotImplementedError:  # no sampler (init_to_feasible samples too, for the shape)
+        fn = site["fn"]
+        transform = biject_to(fn.support)
+        shape = tuple(fn.batch_shape) + tuple(fn.event_shape)
+        return transform(torch.zeros(transform.inv.forward_shape(shape))).detach()
+
+
+def _cuda_devices() -> list:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
 
 def prototype_trace(model: Callable, args: tuple, kwargs: dict) -> poutine.Trace:
@@ -95,9 +103,37 @@ def prototype_trace(model: Callable, args: tuple, kwargs: dict) -> poutine.Trace
     (so improper priors need no sampler), inside a scoped parameter store and a forked random state (the
     run registers nothing and leaves the caller's random stream as it was, so that an engine's draws do
     not depend on how often it looked at the model)."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with pyro.get_param_store().scope(), torch.random.fork_rng(devices=devices):
+    with pyro.get_param_store().scope(), torch.random.fork_rng(devices=_cuda_devices()):
         return poutine.trace(InitMessenger(robust_init)(model)).get_trace(*args, **kwargs)
+
+
+def check_supports(trace: poutine.Trace) -> None:
+    """Refuses, by site, a continuous latent site whose support has no bijection to unconstrained space
+    (``torch.distributions.biject_to`` has none for ``positive_definite``, e.g. a ``Wishart`` draw), before
+    an engine that works in unconstrained space does any work.
+
+    Raises:
+        UnsupportedModelError: naming the site, its support and a reparameterisation.
+    """
+    from bmm_ppl.inference.errors import UnsupportedModelError
+
+    for name, site in trace.nodes.items():
+        if not is_latent_site(site) or site["fn"].support.is_discrete:
+            continue
+        try:
+            biject_to(site["fn"].support)
+        except NotImplementedError:
+            raise UnsupportedModelError(
+                f"site {name!r} has support {site['fn'].support}, which has no bijection to unconstrained space "
+                f"in torch; reparameterise it (e.g. a positive-definite matrix as scales times an LKJCholesky "
+                f"factor, or its Cholesky factor with support lower_cholesky)"
+            ) from None
+
+
+def subsampled_plates(trace: poutine.Trace) -> list[str]:
+    """The plates of a run that use ``subsample_size`` (fewer indices drawn than the plate's size)."""
+    return [name for name, site in trace.nodes.items()
+            if site["type"] == "sample" and site_is_subsample(site) and site["value"].numel() < site["fn"].size]
 
 
 def with_hyperparameters(model: Callable, hyperparameters: dict | None) -> Callable:
@@ -189,8 +225,9 @@ def structure_of(trace: poutine.Trace) -> ModelStructure:
 
 def inspect_model(model: Callable, args: tuple, kwargs: dict, hyperparameters: dict | None = None) -> ModelStructure:
     """Runs ``model(*args, **kwargs)`` once (params substituted where given) and records its structure."""
-    runnable = with_hyperparameters(model, hyperparameters)
-    trace = poutine.trace(runnable).get_trace(*args, **kwargs)
+    runnable = InitMessenger(robust_init)(with_hyperparameters(model, hyperparameters))
+    with torch.random.fork_rng(devices=_cuda_devices()):
+        trace = poutine.trace(runnable).get_trace(*args, **kwargs)
     return structure_of(trace)
 
 

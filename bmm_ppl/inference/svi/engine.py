@@ -20,15 +20,17 @@ from bmm_ppl.inference.errors import ConvergenceWarning, DivergenceError, Unsupp
 from bmm_ppl.inference.svi.convergence import DegenerationMonitor, gradient_converged, loss_stationarity
 from bmm_ppl.inference.svi.guides import GuideLatents, guide_site_names, is_guide_function, is_point_mass, resolve_guide
 from bmm_ppl.inference.svi.iwae import elbo_from_weights, log_importance_weights, streamed_log_importance_weights
+from bmm_ppl.inference.evidence import Evidence
 from bmm_ppl.inference.posterior import Posterior
 from bmm_ppl.inference.program.enumeration import enumerated_sites, enumerating
-from bmm_ppl.inference.program.sites import guess_max_plate_nesting, is_latent_site
+from bmm_ppl.inference.program.sites import guess_max_plate_nesting, is_latent_site, prototype_trace, subsampled_plates
 from bmm_ppl.inference.svi.core import Schedule
 from bmm_ppl.inference.program.minibatch import DataArguments, ScaleInPlate, data_plate
 from bmm_ppl.inference.svi.data import LoaderPasses, minibatches
 from bmm_ppl.validation import check_tensor, prepare_data
 
 _CHECK_EVERY = 100  # steps between divergence checks (each one synchronises with the device once)
+_SUBSAMPLED_EVIDENCE_CHUNK = 20  # particles per subsample when estimating the final ELBO
 _ADVICE = "Lower lr, check the data for outliers, or give the hyperparameters better initial values."
 _DEFAULT_LR = {"lbfgs": 1.0}  # learning rates when lr=None; every other optimiser: 0.02
 _GRADIENT_LR = 0.02
@@ -651,10 +653,19 @@ class SVI:
     def _evidence(self, model, guide, args, kwargs, nesting, device):
         if is_point_mass(guide):
             return None, {"evidence": "a point-mass guide (AutoDelta) gives no evidence bound"}
-        log_w = log_importance_weights(model, guide, args, kwargs, self.evidence_particles, nesting, device=device)
+        subsampled = subsampled_plates(prototype_trace(model, args, kwargs))
+        # A subsampled plate draws one subsample per vectorised chunk: many small chunks average the
+        # subsampling noise out, and the stderr comes from the chunks' means (their weights are correlated).
+        chunk = _SUBSAMPLED_EVIDENCE_CHUNK if subsampled else 1000
+        log_w = log_importance_weights(model, guide, args, kwargs, self.evidence_particles, nesting, chunk, device=device)
         if not torch.isfinite(log_w).all():
             raise DivergenceError("the fitted guide gives non-finite importance weights: the final ELBO is undefined")
-        return elbo_from_weights(log_w), {"evidence_particles": self.evidence_particles}
+        evidence = elbo_from_weights(log_w)
+        if subsampled:
+            usable = log_w[: log_w.numel() // chunk * chunk].reshape(-1, chunk).mean(1)
+            stderr = float(usable.std() / usable.numel() ** 0.5) if usable.numel() > 1 else None
+            evidence = Evidence(evidence.value, stderr, evidence.method)
+        return evidence, {"evidence_particles": self.evidence_particles, "subsampled_plates": subsampled}
 
     def __repr__(self) -> str:
         return (
