@@ -72,7 +72,7 @@ def uncertainty_decomposition(posterior, *args, site: str = "obs", num_samples: 
     Returns:
         ``{"total", "aleatoric", "epistemic"}``, each Tensor[n], plus ``"kind"``: ``"entropy"`` or ``"variance"``.
     """
-    model = posterior._model_or_raise()
+    model = posterior.model_or_raise()
     draws = posterior.samples(num_samples)
     num = next(iter(draws.values())).shape[0]
     structure = inspect_model(model, args, kwargs, posterior.hyperparameters)

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bmm_ppl.distillation.distill import GaussianPerturbation, check_student_output
-from bmm_ppl.distillation.losses import _gaussian
+from bmm_ppl.distillation.losses import unchecked_gaussian_distillation_loss
 from bmm_ppl.distillation.teachers import Task, regression_output
 from bmm_ppl.inference.errors import DivergenceError
 from bmm_ppl.inference.sgmcmc.kernels import sgld_update
@@ -151,7 +151,7 @@ class BayesianDarkKnowledge:
             log_q = torch.log_softmax(student_out, -1)
             return -(torch.softmax(teacher_out, -1) * log_q).sum(-1).mean()
         mean, log_var = self._teacher_gaussian(teacher_out)
-        return _gaussian(student_out[:, 0], student_out[:, 1], mean, log_var.exp())
+        return unchecked_gaussian_distillation_loss(student_out[:, 0], student_out[:, 1], mean, log_var.exp())
 
     # ------------------------------------------------------------------- fit
     def fit(self, x: torch.Tensor, y: torch.Tensor) -> DarkKnowledgeResult:

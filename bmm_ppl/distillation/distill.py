@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from bmm_ppl.distillation.losses import _gaussian, _hinton, gaussian_distillation_loss
+from bmm_ppl.distillation.losses import unchecked_gaussian_distillation_loss, unchecked_hinton_loss, gaussian_distillation_loss
 from bmm_ppl.distillation.teachers import PosteriorTeacher, Task, Teacher, TeacherPrediction, as_teacher
 from bmm_ppl.inference.errors import ConvergenceWarning, DivergenceError
 from bmm_ppl.validation import check_tensor
@@ -109,9 +109,9 @@ def distillation_loss(output: torch.Tensor, teacher: TeacherPrediction, task: Ta
     # The unchecked forms: argument checks would synchronise the device on every step.
     if task is Task.CLASSIFICATION:
         if teacher.logits is not None:
-            return _hinton(output, teacher.logits, None, targets, temperature, weight)
-        return _hinton(output, None, teacher.probs, targets, temperature, weight)
-    return _gaussian(output[:, 0], output[:, 1], teacher.mean, teacher.variance)
+            return unchecked_hinton_loss(output, teacher.logits, None, targets, temperature, weight)
+        return unchecked_hinton_loss(output, None, teacher.probs, targets, temperature, weight)
+    return unchecked_gaussian_distillation_loss(output[:, 0], output[:, 1], teacher.mean, teacher.variance)
 
 
 @torch.no_grad()

@@ -95,10 +95,10 @@ def hinton_loss(
         )
     if targets is not None and targets.shape != student_logits.shape[:1]:
         raise ValueError(f"targets must be Tensor[{student_logits.shape[0]}] of labels, got shape {tuple(targets.shape)}")
-    return _hinton(student_logits, teacher_logits, teacher_probs, targets, temperature, weight)
+    return unchecked_hinton_loss(student_logits, teacher_logits, teacher_probs, targets, temperature, weight)
 
 
-def _hinton(student_logits, teacher_logits, teacher_probs, targets, temperature, weight):
+def unchecked_hinton_loss(student_logits, teacher_logits, teacher_probs, targets, temperature, weight):
     """:func:`hinton_loss` without the argument checks (which synchronise a GPU): for training loops."""
     target_probs = tempered_probabilities(teacher_logits, probs=teacher_probs, temperature=temperature)
     student_log_probs = torch.log_softmax(student_logits / temperature, dim=-1)
@@ -177,10 +177,10 @@ def gaussian_distillation_loss(
         )
     if kind not in ("nll", "kl"):
         raise ValueError(f"kind={kind!r} is not one of 'nll', 'kl'")
-    return _gaussian(student_mean, student_log_variance, teacher_mean, teacher_variance, kind)
+    return unchecked_gaussian_distillation_loss(student_mean, student_log_variance, teacher_mean, teacher_variance, kind)
 
 
-def _gaussian(student_mean, student_log_variance, teacher_mean, teacher_variance, kind="nll"):
+def unchecked_gaussian_distillation_loss(student_mean, student_log_variance, teacher_mean, teacher_variance, kind="nll"):
     """:func:`gaussian_distillation_loss` without the argument checks: for training loops."""
     expected_sq = teacher_variance + (teacher_mean - student_mean).pow(2)
     nll = 0.5 * (student_log_variance + expected_sq * torch.exp(-student_log_variance) + torch.log(2 * torch.pi * torch.ones_like(student_mean)))

@@ -125,7 +125,8 @@ class Posterior:
         return {n: v[index] for n, v in flat.items()}
 
     # ------------------------------------------------------------ predictions
-    def _model_or_raise(self) -> Callable:
+    def model_or_raise(self) -> Callable:
+        """The model this posterior was fitted to (a loaded posterior has one only when given ``model=``)."""
         if self.model is None:
             raise RuntimeError("this Posterior was loaded without its model; pass model= to Posterior.load")
         return self.model
@@ -142,7 +143,7 @@ class Posterior:
             ``{site: Tensor[num_samples, *site_shape]}`` for every sample site the posterior does not fix
             (the observations) and every ``pyro.deterministic`` site.
         """
-        model = self._model_or_raise()
+        model = self.model_or_raise()
         if not args and not kwargs:
             args, kwargs = self.args, self.kwargs
         return predictive_draws(model, args, kwargs, self.samples(num_samples), self.hyperparameters)
@@ -152,12 +153,12 @@ class Posterior:
         draws = self.draws() if draws is None else draws
         chains, per_chain = next(iter(draws.values())).shape[:2]
         flat = {n: v.reshape((-1,) + v.shape[2:]) for n, v in draws.items()}
-        loglik = pointwise_log_likelihood(self._model_or_raise(), self.args, self.kwargs, flat, self.hyperparameters)
+        loglik = pointwise_log_likelihood(self.model_or_raise(), self.args, self.kwargs, flat, self.hyperparameters)
         return {n: v.reshape(chains, per_chain, -1) for n, v in loglik.items()}
 
     def observed_data(self) -> dict[str, torch.Tensor]:
         """``{obs_site: value}`` of the fitted data."""
-        return observed_values(self._model_or_raise(), self.args, self.kwargs, self.hyperparameters)
+        return observed_values(self.model_or_raise(), self.args, self.kwargs, self.hyperparameters)
 
     def to_arviz(self, num_samples: int = 1000, posterior_predictive: bool = True, **kwargs):
         """ArviZ data (0.2x ``InferenceData`` or 1.x ``DataTree``) with posterior, observed data, pointwise
@@ -272,7 +273,7 @@ class Posterior:
         Raises:
             ValueError: naming the first site that does not match.
         """
-        model = self._model_or_raise()
+        model = self.model_or_raise()
         hyperparameters = self.hyperparameters
         model_name = getattr(model, "__name__", type(model).__name__)
         try:

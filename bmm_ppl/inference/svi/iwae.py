@@ -102,7 +102,7 @@ def iwae_bound(posterior, num_particles: int = 100, num_estimates: int = 50, chu
         raise ValueError("a point-mass guide (AutoDelta) has no density: it gives no evidence bound")
     if num_particles < 1 or num_estimates < 1:
         raise ValueError(f"num_particles and num_estimates must be positive, got {num_particles}, {num_estimates}")
-    model = posterior._model_or_raise()
+    model = posterior.model_or_raise()
     with pyro.get_param_store().scope(latents.param_state):
         log_w = log_importance_weights(
             model, latents.guide, posterior.args, posterior.kwargs, num_particles * num_estimates,
