@@ -19,8 +19,6 @@ REQUIRED_REFUSALS = {("param_site", engine) for engine in ("NUTS", "HMC", "SGLD"
 
 _IMPROPER_INIT = "fit raised NotImplementedError: ImproperUniform does not support sampling (initialisation)"
 _NO_PD_BIJECTION = "fit raised NotImplementedError: Cannot transform _PositiveDefinite constraints (not a refusal)"
-_EXPAND = "fit raised RuntimeError: the expanded size of the tensor (16) must match the existing size (8): .expand([n]) " \
-          "under the particle plate"
 _COMPONENT_PLATE = "fit raised ValueError: Shape mismatch inside plate('data') at site obs dim -1, 12 vs 8 (enumeration " \
                    "with the means in a components plate, under the particle plate)"
 
@@ -31,8 +29,6 @@ KNOWN_FAILURES = {
                           "(flat) entries of y_unobserved random-walk",
     ("subsample_plate", "SVI(normal)"): "the mean matches, but the ELBO exceeds the full-data evidence by 3.2 nats",
     ("subsample_plate", "SVI(mvn)"): "mean of 'mu' off by 3.0 sd (0.600 vs 1.075); ELBO 18 nats below the evidence",
-    ("expand_to_event", "SVI(normal)"): _EXPAND,
-    ("expand_to_event", "SVI(mvn)"): _EXPAND,
     ("ordered_vector", "SVI(normal)"): "sd of 'cutpoints'[0] off by 25%: a mean-field guide over correlated base "
                                        "coordinates (an approximation limit, not a bug)",
     ("mixture_infer_enumerate", "SVI(normal)"): _COMPONENT_PLATE,
