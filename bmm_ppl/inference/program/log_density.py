@@ -29,6 +29,15 @@ def _is_imputed_part(site: dict, trace) -> bool:
     return observed is not None and observed["is_observed"]
 
 
+def apply_mask(log_prob: torch.Tensor, mask) -> torch.Tensor:
+    """``log_prob`` with zeros where a site's ``mask`` (a bool tensor, ``False`` or ``None``) excludes it."""
+    if isinstance(mask, torch.Tensor):
+        return torch.where(mask.bool(), log_prob, log_prob.new_zeros(()))
+    if mask is not None and not mask:
+        return torch.zeros_like(log_prob)
+    return log_prob
+
+
 def site_log_prob(site: dict, trace=None) -> torch.Tensor:
     """``scale * log p(value)`` of one sample site, zero where its ``mask`` is False.
 
@@ -48,12 +57,8 @@ def site_log_prob(site: dict, trace=None) -> torch.Tensor:
         tensor([-0.9189,  0.0000, -0.9189])
     """
     log_prob = site["fn"].log_prob(site["value"])
-    mask = site["mask"]
-    if mask is not None and not _is_imputed_part(site, trace):
-        if isinstance(mask, torch.Tensor):
-            log_prob = torch.where(mask.bool(), log_prob, log_prob.new_zeros(()))
-        elif not mask:
-            log_prob = torch.zeros_like(log_prob)
+    if not _is_imputed_part(site, trace):
+        log_prob = apply_mask(log_prob, site["mask"])
     scale = site["scale"]
     if isinstance(scale, torch.Tensor) or scale != 1.0:
         log_prob = log_prob * scale

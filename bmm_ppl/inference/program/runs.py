@@ -13,6 +13,7 @@ import pyro.poutine as poutine
 from pyro.poutine.messenger import Messenger
 import torch
 
+from bmm_ppl.inference.program.log_density import apply_mask
 from bmm_ppl.inference.program.batching import per_point, to_outer_plate, under_outer_plate
 from bmm_ppl.inference.program.sites import (  # re-exported: the structure a run shows
     ModelStructure,
@@ -113,13 +114,7 @@ def predictive_draws(
 
 def _masked_log_prob(site: dict) -> torch.Tensor:
     """``log p(y_i | draw)`` of an observed site, zero where a ``poutine.mask`` excludes the entry."""
-    log_prob = site["fn"].log_prob(site["value"])
-    mask = site["mask"]
-    if isinstance(mask, torch.Tensor):
-        log_prob = torch.where(mask.bool(), log_prob, log_prob.new_zeros(()))
-    elif mask is not None and not mask:
-        log_prob = torch.zeros_like(log_prob)
-    return log_prob
+    return apply_mask(site["fn"].log_prob(site["value"]), site["mask"])
 
 
 def pointwise_log_likelihood(
