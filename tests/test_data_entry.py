@@ -162,10 +162,12 @@ def test_poisson_counts_stay_integer_under_nuts():
 
     counts = torch.tensor([3, 0, 7, 2, 4, 5])
     scale = torch.ones(6, dtype=F64)
-    post = NUTS(num_samples=300, warmup_steps=200, progress=False).fit(counts_model, scale, counts)
+    # 300 draws gave a bulk ESS of 78-167 over seeds (Pyro's own NUTS: 65-180), under the 100 the chain
+    # check asks for; 1000 draws give 290-400.
+    post = NUTS(num_samples=1000, warmup_steps=300, progress=False).fit(counts_model, scale, counts)
     # Gamma(2, 1) prior, Poisson counts: the posterior is Gamma(2 + 21, 1 + 6), mean 23/7 = 3.29,
-    # sd sqrt(23)/7 = 0.685. Tolerance: 5 sd/sqrt(ESS) with ESS >= 50 is 0.48 (NUTS warns below 100).
-    assert abs(float(post.samples()["rate"].mean()) - 23 / 7) < 0.48
+    # sd sqrt(23)/7 = 0.685. Tolerance: 5 sd/sqrt(ESS) with ESS >= 100 (else NUTS warns) is 0.34.
+    assert abs(float(post.samples()["rate"].mean()) - 23 / 7) < 0.34
 
 
 # ----------------------------------------------------------- refused up front

@@ -140,13 +140,21 @@ def test_hierarchical_beats_independent_with_few_examples_and_the_gap_closes():
     assert abs(hier_many - ind_many) < 0.3 * abs(hier_few - ind_few)
 
 
+def well_posed_related_tasks(seed):
+    """Three tasks, eight features, fixed feature precisions: the learned 3x3 task covariance has an
+    interior evidence maximum. (With six tasks and three features the maximum-evidence Omega has rank
+    <= 3, on the boundary of the positive-definite cone, and Exact rightly warns.)"""
+    x, task, y, _ = task_data(seed, per_task=12, num_tasks=3, num_features=8, covariance=clustered_covariance(3, 0.6))
+    return MultiTaskRegression(RelatedTasks(None, torch.ones(8, dtype=F64, device="cpu")), 3, NO_BIAS), x, task, y
+
+
 def test_predictive_shapes_and_task_weights():
-    x, task, y, _ = task_data(5)
-    post = Exact().fit(MultiTaskRegression(RelatedTasks(), 6, NO_BIAS), x, task, y)
-    assert post.samples(7)["W"].shape == (7, 18)
+    model, x, task, y = well_posed_related_tasks(5)
+    post = Exact().fit(model, x, task, y)
+    assert post.samples(7)["W"].shape == (7, 24)
     predicted = post.predict(x[:5], task[:5], num_samples=4000)["obs"]
     assert predicted.shape == (4000, 5)
-    weights = post.model.structure.task_weights(post.latent_distribution.mean["W"], 6, 3)
+    weights = post.model.structure.task_weights(post.latent_distribution.mean["W"], 3, 8)
     mean = (x[:5] * weights[task[:5]]).sum(-1)
     # Predictive sd is at least the learned noise sd; |mean error| < 4 sd / sqrt(4000).
     assert ((predicted.mean(0) - mean).abs() < 4 * predicted.std(0) / math.sqrt(4000)).all()
@@ -178,8 +186,8 @@ def test_hyperprior_is_unsupported_by_exact():
 
 
 def test_multitask_exact_follows_the_data_device(meta_default_device):
-    x, task, y, _ = task_data(0, per_task=4)
-    post = Exact().fit(MultiTaskRegression(RelatedTasks(), 6, NO_BIAS), x, task, y)
+    model, x, task, y = well_posed_related_tasks(0)
+    post = Exact().fit(model, x, task, y)
     assert post.samples(3)["W"].device.type == "cpu"
     assert post.hyperparameters["task_covariance"].device.type == "cpu"
 

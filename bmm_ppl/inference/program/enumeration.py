@@ -10,6 +10,7 @@ assignments can be read off the ``Posterior``.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from typing import Callable
 
@@ -17,7 +18,8 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer import config_enumerate, infer_discrete
-from pyro.ops.contract import contract_to_tensor
+from pyro.ops.contract import contract_to_tensor as _pyro_contract_to_tensor
+from pyro.ops.einsum import torch_log
 
 from bmm_ppl.inference.program.batching import per_point, to_outer_plate, under_outer_plate
 from bmm_ppl.inference.errors import UnsupportedModelError
@@ -62,6 +64,34 @@ def enumerating(model: Callable, max_plate_nesting: int, extra_dims: int = 0) ->
     enumeration dimensions starting left of the program's ``max_plate_nesting`` batch dimensions (and of
     ``extra_dims`` outer plates)."""
     return poutine.enum(config_enumerate(model, "parallel"), first_available_dim=-max_plate_nesting - 1 - extra_dims)
+
+
+def _safe_log(x: torch.Tensor) -> torch.Tensor:
+    """Pyro's ``safe_log``: ``log x`` with the gradient ``1 / max(x, eps)``, so that log 0 has a finite
+    gradient, written with plain operations (the value of ``max(x, eps)`` with the gradient of ``x``)
+    rather than as an ``autograd.Function``, which ``torch.func`` transforms and functionalisation
+    refuse: an enumerated log-density can then be differentiated by ``torch.func.grad`` and captured."""
+    floored = x + (x.clamp(min=torch.finfo(x.dtype).eps) - x).detach()
+    return floored.log() + (x.log() - floored.log()).detach()
+
+
+@contextlib.contextmanager
+def _transformable_safe_log():
+    """Pyro's log-space einsum with :func:`_safe_log` in place of its ``safe_log`` (same values and
+    gradients) for the duration."""
+    original = torch_log.safe_log
+    torch_log.safe_log = _safe_log
+    try:
+        yield
+    finally:
+        torch_log.safe_log = original
+
+
+def contract_to_tensor(factors, enum_dims, **kwargs) -> torch.Tensor:
+    """Pyro's ``contract_to_tensor`` (tensor-tree variable elimination in log space), differentiable by
+    ``torch.func`` transforms (see :func:`_safe_log`)."""
+    with _transformable_safe_log():
+        return _pyro_contract_to_tensor(factors, enum_dims, **kwargs)
 
 
 def enumerated_log_density(trace, batch_plate: str | None = None) -> torch.Tensor:

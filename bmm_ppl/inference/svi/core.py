@@ -62,6 +62,26 @@ def per_particle(log_prob: torch.Tensor, num_particles: int, max_plate_nesting: 
     return sum_keeping_batch(log_prob, None if num_particles == 1 else num_particles, max_plate_nesting)
 
 
+_NOT_BROADCASTING = (RuntimeError, ValueError, IndexError)
+
+
+def vectorises_over_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict, max_plate_nesting: int,
+                              device=None) -> bool:
+    """Whether the model and guide run with an outer particle plate (two particles, one vectorised run).
+
+    Programs written for one draw at a time do not: ``Normal(mu, 1).expand([n])`` without a plate, or
+    ``locs[assignment]`` indexing the first dimension (Pyro's ``Vindex`` is the batch-safe form). For
+    those, particles are run one after another, as Pyro's ``Trace_ELBO`` does by default. The probe
+    leaves the caller's random stream as it was.
+    """
+    with torch.random.fork_rng(devices=[device] if device is not None and torch.device(device).type == "cuda" else []):
+        try:
+            _traced_log_weights(model, guide, args, kwargs, 2, max_plate_nesting, device)
+        except _NOT_BROADCASTING:
+            return False
+    return True
+
+
 def traced_log_weights(
     model: Callable,
     guide: Callable,
@@ -70,28 +90,33 @@ def traced_log_weights(
     num_particles: int,
     max_plate_nesting: int,
     device=None,
+    vectorise: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, poutine.Trace, poutine.Trace]:
     """``log p(x, z) - log q(z)`` per particle ``z ~ q`` (one vectorised run), and the score-function term.
 
     Masks and scales apply as in every engine (:func:`~bmm_ppl.inference.program.log_density.site_log_prob`).
 
+    Args:
+        vectorise: ``True``: one run with an outer particle plate; ``False``: one run per particle (a
+            program that does not broadcast, see :func:`vectorises_over_particles`); ``None``: try the
+            first and fall back to the second.
+
     Returns:
         ``(log_weights, score, model_trace, guide_trace)``: ``log_weights`` is Tensor[P] (a scalar when
         ``P == 1``); ``score`` sums ``log q`` over the guide sites that cannot be reparameterised, per
-        particle (``None`` when all can).
+        particle (``None`` when all can). One particle at a time, the traces are the last particle's.
     """
-    if num_particles > 1:
+    if num_particles == 1 or vectorise:
+        return _traced_log_weights(model, guide, args, kwargs, num_particles, max_plate_nesting, device)
+    if vectorise is None:
         try:
             return _traced_log_weights(model, guide, args, kwargs, num_particles, max_plate_nesting, device)
-        except (RuntimeError, ValueError, IndexError):
-            # The program does not broadcast over an outer plate (e.g. it calls ``.expand([n])``): one
-            # particle at a time (the traces returned are the last particle's).
-            runs = [_traced_log_weights(model, guide, args, kwargs, 1, max_plate_nesting, device)
-                    for _ in range(num_particles)]
-            scores = [run[1] for run in runs]
-            score = None if scores[0] is None else torch.stack(scores)
-            return torch.stack([run[0] for run in runs]), score, runs[-1][2], runs[-1][3]
-    return _traced_log_weights(model, guide, args, kwargs, num_particles, max_plate_nesting, device)
+        except _NOT_BROADCASTING:
+            pass
+    runs = [_traced_log_weights(model, guide, args, kwargs, 1, max_plate_nesting, device) for _ in range(num_particles)]
+    scores = [run[1] for run in runs]
+    score = None if scores[0] is None else torch.stack(scores)
+    return torch.stack([run[0] for run in runs]), score, runs[-1][2], runs[-1][3]
 
 
 def _traced_log_weights(model, guide, args, kwargs, num_particles, max_plate_nesting, device):
@@ -120,14 +145,17 @@ def _traced_log_weights(model, guide, args, kwargs, num_particles, max_plate_nes
 
 
 def elbo_loss(
-    model: Callable, guide: Callable, args: tuple, kwargs: dict, num_particles: int, max_plate_nesting: int, device=None
+    model: Callable, guide: Callable, args: tuple, kwargs: dict, num_particles: int, max_plate_nesting: int, device=None,
+    vectorise: bool | None = None,
 ) -> torch.Tensor:
-    """``-ELBO`` estimated with ``num_particles`` vectorised particles; its gradient is unbiased.
+    """``-ELBO`` estimated with ``num_particles`` particles (vectorised unless ``vectorise`` is ``False``, see
+    :func:`traced_log_weights`); its gradient is unbiased.
 
     Reparameterised guide sites give pathwise gradients; others add a score-function (REINFORCE) term
     whose value is zero, so the returned number is the plain ``-ELBO`` estimate.
     """
-    log_weights, score, _, _ = traced_log_weights(model, guide, args, kwargs, num_particles, max_plate_nesting, device)
+    log_weights, score, _, _ = traced_log_weights(model, guide, args, kwargs, num_particles, max_plate_nesting, device,
+                                                  vectorise)
     if score is None:
         return -log_weights.mean()
     reinforce = score * log_weights.detach()

@@ -292,9 +292,11 @@ class SVI:
                 train_model = ScaleInPlate(plate, num_data / self.batch_size)(elbo_model)
                 batches = minibatches(num_data, self.batch_size, device)
 
+            vectorise = [None]  # decided once the guide's parameters exist (the probe creates none)
+
             def objective(*tensors, num_particles=self.num_particles):
                 a, k = data.rebuild(tensors)
-                return svi_core.elbo_loss(train_model, guide, a, k, num_particles, nesting, device)
+                return svi_core.elbo_loss(train_model, guide, a, k, num_particles, nesting, device, vectorise[0])
 
             def next_inputs():
                 if batches is None:
@@ -304,12 +306,13 @@ class SVI:
 
             first = next_inputs()
             state = svi_core.init(svi_core.collect_params(lambda: objective(*first)), self._make_optimizer)
+            vectorise[0] = svi_core.vectorises_over_particles(train_model, guide, *data.rebuild(first), nesting, device)
             modules = tuple(m for m in (guide, model) if isinstance(m, torch.nn.Module))
-            route = self._choose_route(state, model, guide, args, kwargs)
+            route = self._choose_route(state, model, guide, args, kwargs, vectorise[0])
             probe = _positive_latent_probe(guide, model_trace, args, kwargs)
             loss_trace, jit_kind, report = self._train(state, objective, next_inputs, first, modules, route=route, probe=probe)
             hyperparameters = {name: pyro.param(name).detach().clone() for name in model_params}
-            log_evidence, evidence_diagnostics = self._evidence(elbo_model, guide, args, kwargs, nesting, device)
+            log_evidence, evidence_diagnostics = self._evidence(elbo_model, guide, args, kwargs, nesting, device, vectorise[0])
         latents = GuideLatents(guide, args, kwargs, param_state, latent_shapes, nesting,
                                discrete=(model, enumerated) if enumerated else None)
         self._warn_unless_converged(report)
@@ -318,6 +321,7 @@ class SVI:
             "final_loss": float(loss_trace[-min(100, loss_trace.shape[0]) :].mean()),
             "guide": type(guide).__name__ if isinstance(guide, torch.nn.Module) else getattr(guide, "__name__", "guide"),
             "jit": jit_kind,
+            "vectorised_particles": vectorise[0],
             **evidence_diagnostics,
         }
         return Posterior(
@@ -381,11 +385,14 @@ class SVI:
             loss_trace=loss_trace, diagnostics=diagnostics, engine="SVI",
         )
 
-    def _choose_route(self, state, model, guide, args, kwargs) -> str:
+    def _choose_route(self, state, model, guide, args, kwargs, vectorised: bool = True) -> str:
         """``"lbfgs"`` (sample-average L-BFGS) or ``"gradient"`` for an in-memory fit (see the class docstring)."""
         if self._route == "gradient":
             return "gradient"
         reasons = []
+        if not vectorised and self._route != "lbfgs":
+            # the sample average needs hundreds of particles per evaluation: one run each is too slow
+            reasons.append("the program does not broadcast over a particle dimension")
         if self.batch_size is not None:
             reasons.append("batch_size gives a different objective at every step")
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
@@ -650,14 +657,15 @@ class SVI:
             )
         warnings.warn(message, ConvergenceWarning, stacklevel=3)
 
-    def _evidence(self, model, guide, args, kwargs, nesting, device):
+    def _evidence(self, model, guide, args, kwargs, nesting, device, vectorise=None):
         if is_point_mass(guide):
             return None, {"evidence": "a point-mass guide (AutoDelta) gives no evidence bound"}
         subsampled = subsampled_plates(prototype_trace(model, args, kwargs))
         # A subsampled plate draws one subsample per vectorised chunk: many small chunks average the
         # subsampling noise out, and the stderr comes from the chunks' means (their weights are correlated).
         chunk = _SUBSAMPLED_EVIDENCE_CHUNK if subsampled else 1000
-        log_w = log_importance_weights(model, guide, args, kwargs, self.evidence_particles, nesting, chunk, device=device)
+        log_w = log_importance_weights(model, guide, args, kwargs, self.evidence_particles, nesting, chunk, device=device,
+                                       vectorise=vectorise)
         if not torch.isfinite(log_w).all():
             raise DivergenceError("the fitted guide gives non-finite importance weights: the final ELBO is undefined")
         evidence = elbo_from_weights(log_w)

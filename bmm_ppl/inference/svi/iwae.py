@@ -32,8 +32,10 @@ def log_importance_weights(
     max_plate_nesting: int,
     chunk_size: int = 1000,
     device=None,
+    vectorise: bool | None = None,
 ) -> torch.Tensor:
-    """``log p(x, z_s) - log q(z_s)`` for ``num_particles`` draws ``z_s ~ q``, in vectorised chunks.
+    """``log p(x, z_s) - log q(z_s)`` for ``num_particles`` draws ``z_s ~ q``, in vectorised chunks (one
+    draw at a time where ``vectorise`` is ``False``, see :func:`~bmm_ppl.inference.svi.core.traced_log_weights`).
 
     Returns:
         Tensor[num_particles], on the device the model computes on.
@@ -42,7 +44,7 @@ def log_importance_weights(
     with torch.no_grad():
         while remaining > 0:
             size = min(chunk_size, remaining)
-            log_w, _, _, _ = traced_log_weights(model, guide, args, kwargs, size, max_plate_nesting, device)
+            log_w, _, _, _ = traced_log_weights(model, guide, args, kwargs, size, max_plate_nesting, device, vectorise)
             chunks.append(log_w.reshape(-1).expand(size) if log_w.numel() == 1 else log_w.reshape(-1))
             remaining -= size
     return torch.cat(chunks)
