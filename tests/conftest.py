@@ -3,7 +3,6 @@
 import contextlib
 
 import matplotlib
-import pyro
 import pytest
 import torch
 
@@ -12,14 +11,6 @@ matplotlib.use("Agg")
 # (and oversubscribe the two cores of CI). Correctness does not depend on it; speed checks live in
 # benchmarks/, not here.
 torch.set_num_threads(1)
-
-
-@pytest.fixture(autouse=True)
-def _seed_and_clean_param_store():
-    pyro.set_rng_seed(0)
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
 
 
 @contextlib.contextmanager

@@ -5,12 +5,14 @@ import pytest
 from bmm_ppl.inference import Exact
 from bmm_ppl.inference.hmc import NUTS
 from bmm_ppl.inference.kalman import Kalman
+from bmm_ppl.inference.laplace import Laplace
 from bmm_ppl.inference.svi.engine import SVI
 from bmm_ppl.testing import check_engine
 
 ENGINES = {
     "Exact": lambda: Exact(),
     "Kalman": lambda: Kalman(progress=False),
+    "Laplace": lambda: Laplace(progress=False),
     "NUTS": lambda: NUTS(num_samples=400, warmup_steps=200, num_chains=4, evidence="bridge", progress=False),
     "SVI": lambda: SVI("mvn", progress=False),
 }

@@ -16,12 +16,17 @@ from bmm_ppl.inference.hmc import HMC, NUTS, DivergentTransitionWarning
 from bmm_ppl.inference.svi.guides import GuideLatents, StoredDrawLatents  # registers the "draws" kind for loading
 from bmm_ppl.inference.svi.iwae import iwae_bound
 from bmm_ppl.inference.kalman import Kalman, SmoothedStates  # registers the smoothed-states kind for loading
-from bmm_ppl.inference.latents import GaussianLatents, LatentDistribution
+from bmm_ppl.inference.laplace import Curvature, HessianStructure, Laplace
+from bmm_ppl.inference.latents import DiagonalGaussianLatents, GaussianLatents, LatentDistribution
 from bmm_ppl.inference.posterior import Posterior
 from bmm_ppl.inference.sgmcmc import SGLD, polynomial_decay
 from bmm_ppl.inference.svi.engine import SVI
 
 __all__ = [
+    "Curvature",
+    "DiagonalGaussianLatents",
+    "HessianStructure",
+    "Laplace",
     "ChainDiagnosticsWarning",
     "ConvergenceWarning",
     "DivergenceError",

@@ -109,7 +109,62 @@ class GaussianLatents(LatentDistribution):
         )
 
 
-LATENT_DISTRIBUTIONS: dict[str, type[LatentDistribution]] = {GaussianLatents.kind: GaussianLatents}
+class DiagonalGaussianLatents(GaussianLatents):
+    """A Gaussian over several sites with independent elements: ``N(loc, diag(scale^2))``, stored as
+    ``Tensor[D]`` scales (no ``D x D`` matrix is made unless :attr:`covariance_matrix` is asked for).
+
+    Args:
+        loc: Tensor[D]; scale: Tensor[D]; site_shapes: ``{site: shape}`` whose sizes add up to D.
+
+    Example:
+        >>> q = DiagonalGaussianLatents(torch.zeros(3), torch.ones(3), {"w": (3,)})
+        >>> q.sample(4)["w"].shape, q.covariance_matrix.shape
+        (torch.Size([4, 3]), torch.Size([3, 3]))
+    """
+
+    kind = "diagonal-gaussian"
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, site_shapes: dict[str, tuple]):
+        if scale.shape != loc.shape:
+            raise ValueError(f"scale must have loc's shape {tuple(loc.shape)}, got {tuple(scale.shape)}")
+        self.site_shapes = {name: tuple(int(s) for s in shape) for name, shape in site_shapes.items()}
+        size = sum(math.prod(shape) for shape in self.site_shapes.values())
+        if loc.dim() != 1 or loc.shape[0] != size:
+            raise ValueError(f"loc must be Tensor[{size}] for site_shapes {self.site_shapes}, got {tuple(loc.shape)}")
+        self.loc, self.scale = loc, scale
+
+    @property
+    def scale_factor(self) -> torch.Tensor:
+        return torch.diag_embed(self.scale)
+
+    def sample(self, num_samples: int) -> dict[str, torch.Tensor]:
+        noise = self.loc.new_empty(num_samples, self.loc.shape[0]).normal_()
+        return self._split(self.loc + noise * self.scale)
+
+    @property
+    def covariance_matrix(self) -> torch.Tensor:
+        return torch.diag_embed(self.scale.pow(2))
+
+    def to_distribution(self) -> torch.distributions.Distribution:
+        return torch.distributions.Independent(torch.distributions.Normal(self.loc, self.scale), 1)
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "loc": self.loc, "scale": self.scale, "site_names": list(self.site_shapes),
+                "site_shapes": [list(shape) for shape in self.site_shapes.values()]}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "DiagonalGaussianLatents":
+        shapes = dict(zip(state["site_names"], (tuple(s) for s in state["site_shapes"])))
+        return cls(state["loc"], state["scale"], shapes)
+
+    def to(self, device=None, dtype=None) -> "DiagonalGaussianLatents":
+        return DiagonalGaussianLatents(self.loc.to(device=device, dtype=dtype), self.scale.to(device=device, dtype=dtype),
+                                       self.site_shapes)
+
+
+LATENT_DISTRIBUTIONS: dict[str, type[LatentDistribution]] = {
+    GaussianLatents.kind: GaussianLatents, DiagonalGaussianLatents.kind: DiagonalGaussianLatents,
+}
 
 
 def latent_distribution_from_state_dict(state: dict) -> LatentDistribution:

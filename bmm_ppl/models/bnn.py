@@ -241,9 +241,10 @@ class BayesianNeuralNetwork:
                 out, per_datum = out.squeeze(-1), ()
             if per_datum:
                 noise = noise.reshape(noise.shape + (1,) * len(per_datum)) if noise.dim() else noise
-            likelihood = dist.Normal(out, noise).to_event(len(per_datum))
             with pyro.plate("data", num_data, dim=-1, device=x.device):
-                return pyro.sample("obs", likelihood, obs=y)
+                # The output the likelihood reads (a Laplace GGN differentiates the network up to it).
+                mean = pyro.deterministic("mean", out, event_dim=len(per_datum))
+                return pyro.sample("obs", dist.Normal(mean, noise).to_event(len(per_datum)), obs=y)
 
     def __repr__(self) -> str:
         return (

@@ -93,6 +93,7 @@ class BayesianLinearRegression:
         # w is Tensor[d], or Tensor[S, 1, d] under a plate of posterior draws left of "data".
         mean = (design * w).sum(-1)
         with pyro.plate("data", design.shape[0], dim=-1, device=x.device):
+            mean = pyro.deterministic("mean", mean)  # the output a Laplace GGN differentiates to
             return pyro.sample("obs", dist.Normal(mean, beta.rsqrt()), obs=y)
 
     def conjugate_form(self, x: torch.Tensor, y: torch.Tensor) -> IsotropicRegressionForm:

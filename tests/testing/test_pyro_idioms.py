@@ -25,14 +25,16 @@ KNOWN_FAILURES = {
                                  "correlated a posteriori, which a mean-field guide cannot hold; SVI(mvn) matches",
     ("ordered_vector", "SVI(normal)"): "sd of 'cutpoints'[0] off by 25%: a mean-field guide over correlated base "
                                        "coordinates (an approximation limit, not a bug)",
-    ("mixture_infer_enumerate", "NUTS"): "mean of 'locs'[0] off by 4.7 sd (-0.543 vs -2.355), its sd 379% too large, "
-                                         "P(assignment[6]) 0.50 vs 1.00 (not yet explained: the potential and the "
-                                         "discrete draws equal direct computation at fixed locs, and SVI matches; "
-                                         "config_enumerate with to_event matches under NUTS)",
-    ("mixture_infer_enumerate", "HMC"): "mean of 'locs'[0] off by 4.7 sd (-0.525 vs -2.355), its sd 380% too large, "
-                                        "P(assignment[6]) 0.50 vs 1.00 (as NUTS)",
-    ("mixture_infer_enumerate", "SGLD"): "mean of 'locs'[0] off by 2.4 sd (-1.43 vs -2.355), its sd 317% too large, "
-                                         "P(assignment[6]) 0.75 vs 1.00 (as NUTS)",
+}
+
+
+# (program, engine) -> why it may miss: the engine must then say so (a ChainDiagnosticsWarning), never
+# return a wrong posterior silently. A chain initialised (uniformly in [-2, 2], as Pyro and NumPyro do)
+# near the label-switched local mode locs = (1.4, -1.6), 15.7 nats below the main one, stays there; the
+# chain checks report it (measured with 2 chains: split R-hat 1.83, bulk ESS 1.5 per chain).
+FLAGGED_MISSES = {
+    ("mixture_infer_enumerate", engine): "a chain can stick in the label-switched local mode"
+    for engine in ("NUTS", "HMC", "SGLD")
 }
 
 
@@ -43,10 +45,9 @@ def _program(name):
 
 # CI time: on 2 shared cores the whole matrix takes far longer than CI allows (measured 11:00 UTC, a busy
 # machine: NUTS 1900 s, SGLD 1200 s, HMC 750 s, SVI 300 s per column of 32). CI runs the SVI and NUTS
-# columns and the samplers' required refusals; the HMC and SGLD columns and the enumerated mixtures under
-# NUTS (230-390 s each there) run with -m slow.
+# columns and the samplers' required refusals; the HMC and SGLD columns run with -m slow.
 _SLOW_COLUMNS = ("HMC", "SGLD")
-_SLOW_CASES = {("mixture_config_enumerate", "NUTS"), ("mixture_infer_enumerate", "NUTS")}
+_SLOW_CASES: set = set()  # the enumerated mixtures under NUTS: 230-390 s eager, 13-21 s captured (ebea951)
 
 
 def _cases():
@@ -60,7 +61,9 @@ def _cases():
 
 
 def _assert_expected(result, program):
-    if (program.name, result.engine) in REQUIRED_REFUSALS:
+    if (program.name, result.engine) in FLAGGED_MISSES and result.outcome is not Outcome.MATCH:
+        assert result.outcome is Outcome.FAIL and any(w.startswith("ChainDiagnosticsWarning") for w in result.warnings), result.cell
+    elif (program.name, result.engine) in REQUIRED_REFUSALS:
         assert result.outcome is Outcome.REFUSED, result.cell
     elif program.refusable:
         assert result.outcome in (Outcome.MATCH, Outcome.REFUSED), result.cell
@@ -69,7 +72,7 @@ def _assert_expected(result, program):
 
 
 def test_the_known_failures_name_real_cases():
-    assert all(program in PYRO_IDIOMS and engine in ENGINES for program, engine in KNOWN_FAILURES)
+    assert all(program in PYRO_IDIOMS and engine in ENGINES for program, engine in {**KNOWN_FAILURES, **FLAGGED_MISSES})
 
 
 @pytest.mark.parametrize("program_name,engine_name", list(_cases()))

@@ -17,6 +17,7 @@ from torch.distributions import biject_to, constraints
 
 from bmm_ppl.inference.errors import UnsupportedModelError
 from bmm_ppl.inference.program.log_density import log_density
+from bmm_ppl.inference.program.outputs import ReplaceDeterministic
 from bmm_ppl.inference.program.sites import is_latent_site, is_observed_site, is_sample_site
 
 Tensors = dict[str, torch.Tensor]
@@ -63,10 +64,13 @@ class PyroDensity:
     def constrain(self, unconstrained: Mapping[str, torch.Tensor]) -> Tensors:
         return {n: self.bijections[n](unconstrained[n]) for n in unconstrained}
 
-    def trace(self, unconstrained: Tensors, param_values: Tensors, args: tuple, kwargs: Mapping | None = None, observations: bool = True):
+    def trace(self, unconstrained: Tensors, param_values: Tensors, args: tuple, kwargs: Mapping | None = None,
+              observations: bool = True, deterministic: Mapping | None = None):
         """One run of the model at the given latents and ``pyro.param`` values; ``observations=False``
-        leaves the observed sites out of the trace (for the prior alone)."""
-        conditioned = poutine.condition(poutine.substitute(self.model, data=param_values), data=self.constrain(unconstrained))
+        leaves the observed sites out of the trace (for the prior alone); ``deterministic`` gives values
+        to ``pyro.deterministic`` sites (:class:`~bmm_ppl.inference.program.outputs.ReplaceDeterministic`)."""
+        model = self.model if not deterministic else ReplaceDeterministic(dict(deterministic))(self.model)
+        conditioned = poutine.condition(poutine.substitute(model, data=param_values), data=self.constrain(unconstrained))
         if not observations:
             conditioned = poutine.block(conditioned, hide=self.observed_sites)
         with pyro.get_param_store().scope():
@@ -83,6 +87,8 @@ class PyroDensity:
         )
         return log_density(trace) + jacobian
 
-    def log_likelihood(self, unconstrained: Tensors, param_values: Tensors, args: tuple, kwargs: Mapping | None = None) -> torch.Tensor:
-        """``log p(observations | latents)``: the observed sites only."""
-        return log_density(self.trace(unconstrained, param_values, args, kwargs), sites=set(self.observed_sites))
+    def log_likelihood(self, unconstrained: Tensors, param_values: Tensors, args: tuple, kwargs: Mapping | None = None,
+                       deterministic: Mapping | None = None) -> torch.Tensor:
+        """``log p(observations | latents)``: the observed sites only (at given ``deterministic`` values)."""
+        trace = self.trace(unconstrained, param_values, args, kwargs, deterministic=deterministic)
+        return log_density(trace, sites=set(self.observed_sites))

@@ -58,6 +58,8 @@ def run_under_draws(
     """
     hyperparameters = dict(hyperparameters or {})
     structure = structure or inspect_model(model, args, kwargs, hyperparameters)
+    # Recorded pyro.deterministic values (a network's output) are computed from the latents, not fixed.
+    draws = {n: v for n, v in draws.items() if n in structure.sites}
     num_draws = next(iter(draws.values())).shape[0] if draws else 1
     nesting = structure.max_plate_nesting
     try:

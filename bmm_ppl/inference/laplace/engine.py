@@ -1,0 +1,452 @@
+"""The Laplace engine: a Gaussian at the mode of the log joint with the curvature's inverse as covariance,
+and the Laplace evidence, for Pyro programs with Gaussian priors (Bayesian neural networks, regression).
+
+Type-II hyperparameters (the model's ``pyro.param`` sites: prior scales, observation noise) are set by
+maximising the Laplace evidence, alternating with the mode (MacKay's iteration; Immer et al. 2021,
+Algorithm 1, run to convergence on full-batch data): at the fixed point the hyperparameters maximise the
+evidence with the mode held fixed, which for a model whose log joint is quadratic in the weights is the
+exact type-II optimum.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable
+
+import pyro.distributions as dist
+import torch
+from torch.distributions import transform_to
+from tqdm.auto import tqdm
+
+from bmm_ppl.inference.errors import ConvergenceWarning, DivergenceError, UnsupportedModelError
+from bmm_ppl.inference.evidence import Evidence
+from bmm_ppl.inference.laplace import curvature as kernels
+from bmm_ppl.inference.laplace.structures import Curvature, HessianStructure
+from bmm_ppl.inference.latents import DiagonalGaussianLatents, GaussianLatents
+from bmm_ppl.inference.posterior import Posterior
+from bmm_ppl.inference.program.functional_density import PyroDensity
+from bmm_ppl.inference.program.log_density import site_log_prob
+from bmm_ppl.inference.program.minibatch import data_plate
+from bmm_ppl.inference.program.outputs import choose_output_site
+from bmm_ppl.inference.program.sites import is_latent_site, prototype_trace, subsampled_plates
+from bmm_ppl.validation import prepare_data
+
+_MODULE_SEPARATOR = "$$$"
+_MODE_RESTARTS = 3
+_NEWTON_STEPS = 3
+
+
+def _normal_base(fn):
+    """The ``Normal`` under ``Independent`` / masked / expanded wrappers, else ``None``."""
+    while True:
+        if isinstance(fn, dist.Normal):
+            return fn
+        inner = getattr(fn, "base_dist", None)
+        if inner is None:
+            return None
+        fn = inner
+
+
+def _check_program(trace) -> None:
+    """Refuses, by site, what the Laplace engine cannot do, before any work."""
+    plates = subsampled_plates(trace)
+    if plates:
+        raise UnsupportedModelError(
+            f"Laplace needs the curvature of the whole data set, but the plate(s) {plates} subsample it "
+            "(subsample_size): remove the subsampling"
+        )
+    for name, site in trace.nodes.items():
+        if site["type"] == "param" and _MODULE_SEPARATOR in name:
+            raise UnsupportedModelError(
+                f"Laplace approximates the posterior of sample sites, but {name!r} is a parameter of an "
+                "nn.Module registered with pyro.module: give the weights priors (BayesianNeuralNetwork does)"
+            )
+        if not is_latent_site(site):
+            continue
+        if site["fn"].support.is_discrete:
+            raise UnsupportedModelError(f"Laplace needs continuous latents; site {name!r} is discrete ({type(site['fn']).__name__})")
+        if _normal_base(site["fn"]) is None:
+            raise UnsupportedModelError(
+                f"Laplace here needs a Gaussian (Normal) prior on every latent site; site {name!r} has "
+                f"{type(site['fn']).__name__}: reparameterise it as a Normal, or use NUTS or SVI"
+            )
+
+
+class Laplace:
+    """The Laplace approximation and its evidence for a Pyro program with Gaussian priors.
+
+    The mode ``theta*`` of ``log p(y, theta)`` is found by L-BFGS (to a gradient tolerance, checked);
+    the posterior is ``N(theta*, H^-1)`` with ``H`` the curvature of the log-likelihood plus the prior
+    precision, and ``log p(y) ~= log p(y, theta*) + P/2 log 2 pi - 1/2 log det H``, an
+    ``Evidence(method="laplace")``. With a generalised Gauss-Newton curvature the observations'
+    parameters must be recorded as the model's output with ``pyro.deterministic`` (as
+    :class:`~bmm_ppl.models.BayesianNeuralNetwork` records ``"logits"``); the likelihood's Hessian in
+    that output is taken by automatic differentiation, so any observation distribution works (Normal,
+    Bernoulli, Categorical, Poisson, ...). The model's ``pyro.param`` sites are type-II hyperparameters,
+    set by maximising the Laplace evidence (see the module docstring).
+
+    **Predictions.** ``Posterior.predict`` runs the network at weights drawn from ``N(theta*, H^-1)`` (the
+    "NN sampling" predictive). For a GGN Laplace on a network this underfits badly: draws move along
+    directions the data do not constrain, where the network is far from linear (Immer, Korzepa & Bauer
+    2021, "Improving predictions of Bayesian neural nets via local linearization"). The linearised (GLM)
+    predictive they recommend is not built yet; until it is, read predictions off the mode
+    (``latent_distribution.mean``) and use this engine for its evidence and hyperparameters.
+
+    Args:
+        hessian: ``"full"`` or ``"diag"`` (:class:`HessianStructure`).
+        curvature: ``"ggn"`` or ``"ef"`` (:class:`Curvature`).
+        output: the ``pyro.deterministic`` site for the GGN (default: the only one).
+        max_iter: L-BFGS iterations for the mode (per round).
+        max_rounds: alternations of mode and hyperparameters (type-II).
+        tolerance: type-II stops when no unconstrained hyperparameter moves by more than this in a round.
+        jit: find the mode with the log joint and its gradient captured as one graph (checked against
+            the eager program; eager where capture fails).
+        device: move the data here (``None``: follow the data).
+        progress: a tqdm bar over the type-II rounds.
+
+    Diagnostics: ``converged`` (the mode: its Newton decrement ``1/2 g^T H^-1 g`` at most
+    ``max(1e-10 |log p(y, theta*)|, 1e-8)`` in float64; and, with hyperparameters, the rounds),
+    ``newton_decrement``, ``newton_steps``, ``map_gradient_max``, ``map_iterations``, ``rounds``, ``hessian``, ``curvature``, ``output``, ``num_parameters``,
+    ``log_det_precision``, ``log_joint_at_mode``.
+
+    Example:
+        >>> import pyro
+        >>> import pyro.distributions as dist
+        >>> def model(x, y):
+        ...     w = pyro.sample("w", dist.Normal(torch.zeros(2, dtype=x.dtype), 1.0).to_event(1))
+        ...     mean = pyro.deterministic("mean", x @ w)
+        ...     with pyro.plate("data", len(y)):
+        ...         pyro.sample("obs", dist.Normal(mean, 0.5), obs=y)
+        >>> x = torch.randn(20, 2, dtype=torch.float64); y = x @ torch.tensor([1.0, -1.0], dtype=torch.float64)
+        >>> post = Laplace(progress=False).fit(model, x, y)
+        >>> post.log_evidence.method, post.samples(3)["w"].shape
+        (<EvidenceMethod.LAPLACE: 'laplace'>, torch.Size([3, 2]))
+    """
+
+    def __init__(self, hessian: str | HessianStructure = HessianStructure.FULL, curvature: str | Curvature = Curvature.GGN,
+                 output: str | None = None, max_iter: int = 500, max_rounds: int = 200, tolerance: float = 1e-7,
+                 jit: bool = True, device=None, progress: bool = True):
+        self.hessian = HessianStructure.parse(hessian, "hessian")
+        self.curvature = Curvature.parse(curvature, "curvature")
+        if output is not None and not isinstance(output, str):
+            raise TypeError(f"output must be the name of a pyro.deterministic site, got {output!r}")
+        self.output = output
+        for name, value in (("max_iter", max_iter), ("max_rounds", max_rounds)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not tolerance > 0:
+            raise ValueError(f"tolerance must be positive, got {tolerance!r}")
+        self.max_iter, self.max_rounds, self.tolerance, self.jit = max_iter, max_rounds, float(tolerance), bool(jit)
+        self.device = None if device is None else torch.device(device)
+        self.progress = progress
+
+    # ------------------------------------------------------------------ entry
+    def fit(self, model: Callable, *args, **kwargs) -> Posterior:
+        """Fits ``model(*args, **kwargs)`` and returns a :class:`Posterior` with ``method="laplace"``."""
+        args, kwargs = prepare_data(args, kwargs, self.device, model)
+        trace = prototype_trace(model, args, kwargs)
+        _check_program(trace)
+        output = choose_output_site(trace, self.output) if self.curvature is Curvature.GGN else None
+        density = PyroDensity(model, args, kwargs)
+        problem = _Problem(density, args, kwargs, output, trace)
+        hyper = {name: value.clone() for name, value in density.param_values.items()}
+        theta = problem.flatten(density.unconstrain({}))
+
+        rounds, converged_rounds, map_report = 0, not hyper, {}
+        with tqdm(total=self.max_rounds if hyper else 1, disable=not self.progress, desc="Laplace", leave=False) as bar:
+            while True:
+                theta, map_report = self._mode(problem, theta, hyper)
+                rounds += 1
+                bar.update(1)
+                if not hyper or rounds >= self.max_rounds:
+                    break
+                hyper, moved = self._hyperparameters(problem, theta, hyper)
+                bar.set_postfix(moved=f"{moved:.2g}")
+                if moved <= self.tolerance:
+                    theta, map_report = self._mode(problem, theta, hyper)
+                    converged_rounds = True
+                    break
+
+        theta, precision, map_report = self._polish(problem, theta, hyper, map_report)
+        with torch.no_grad():
+            log_joint = problem.log_joint(theta, hyper)
+            try:
+                log_det = kernels.log_determinant(precision, self.hessian)
+                factor = kernels.covariance_factor(precision, self.hessian)
+            except torch.linalg.LinAlgError:
+                raise DivergenceError(
+                    "the Laplace posterior precision is not positive definite at the mode (a prior precision "
+                    "running to 0 with a flat likelihood direction): fix or bound the prior scale"
+                ) from None
+            log_evidence = kernels.laplace_log_evidence(log_joint, log_det, theta.numel())
+        if not torch.isfinite(log_evidence):
+            raise DivergenceError(f"the Laplace evidence is {float(log_evidence)} at the mode")
+        decrement, tolerance = map_report["newton_decrement"], map_report["newton_decrement_tolerance"]
+        converged_mode = decrement <= tolerance
+        converged = converged_mode and converged_rounds
+        diagnostics = {
+            **map_report, "converged": converged, "rounds": rounds, "hessian": self.hessian.value,
+            "curvature": self.curvature.value, "output": output, "num_parameters": theta.numel(),
+            "log_det_precision": float(log_det), "log_joint_at_mode": float(log_joint),
+        }
+        if not converged:
+            why = (f"at the mode found, a Newton step would still raise log p(y, theta) by {decrement:.3g} "
+                   f"(tolerance {tolerance:.3g}) after {map_report['map_iterations']} L-BFGS iterations" if not converged_mode
+                   else f"the hyperparameters still moved after max_rounds={self.max_rounds} rounds")
+            warnings.warn(f"Laplace did not converge: {why}; raise max_iter / max_rounds or rescale the data",
+                          ConvergenceWarning, stacklevel=2)
+        shapes = problem.site_shapes
+        latents = (GaussianLatents(theta, factor, shapes) if self.hessian is HessianStructure.FULL
+                   else DiagonalGaussianLatents(theta, factor, shapes))
+        return Posterior(
+            model, args, kwargs, latent_distribution=latents,
+            log_evidence=Evidence(float(log_evidence), None, "laplace"),
+            hyperparameters={n: v.detach() for n, v in hyper.items()}, diagnostics=diagnostics, engine="Laplace",
+        )
+
+    # ------------------------------------------------------------------ steps
+    def _mode(self, problem: "_Problem", theta: torch.Tensor, hyper: dict) -> tuple[torch.Tensor, dict]:
+        """L-BFGS on ``-log p(y, theta)`` at fixed hyperparameters (the loss and gradient as one captured
+        graph where the program allows, else eager); stops on L-BFGS's own tests, restarted while it
+        still makes progress (convergence is judged in :meth:`fit` by the Newton decrement)."""
+        theta = theta.detach().clone().requires_grad_(True)
+        fixed = {n: v.detach() for n, v in hyper.items()}
+        names = sorted(fixed)
+        captured = problem.captured_loss_and_gradient(theta.detach(), fixed) if self.jit else None
+        optimiser = torch.optim.LBFGS([theta], lr=1.0, max_iter=self.max_iter, history_size=50,
+                                      line_search_fn="strong_wolfe", tolerance_grad=0.0,
+                                      tolerance_change=torch.finfo(theta.dtype).eps)
+
+        def closure():
+            optimiser.zero_grad()
+            if captured is not None:
+                loss, gradient = captured(theta.detach(), *(fixed[n] for n in names))
+                theta.grad = gradient.clone()
+                return loss
+            loss = -problem.log_joint(theta, fixed)
+            loss.backward()
+            return loss
+
+        def check():
+            loss = -problem.log_joint(theta, fixed)
+            (gradient,) = torch.autograd.grad(loss, theta)
+            loss = float(loss.detach())
+            if not math.isfinite(loss) or not torch.isfinite(gradient).all():
+                raise DivergenceError(f"the search for the mode diverged: -log p(y, theta) = {loss}")
+            return gradient.detach(), loss
+
+        iterations, previous = 0, math.inf
+        for _ in range(1 + _MODE_RESTARTS):  # L-BFGS also stops on a loss change below resolution: go again
+            optimiser.step(closure)
+            iterations = int(optimiser.state[theta].get("n_iter", 0))
+            gradient, loss = check()
+            if iterations >= self.max_iter or not loss < previous:
+                break
+            previous = loss
+        report = {"map_gradient_max": float(gradient.abs().max()), "map_iterations": iterations,
+                  "_gradient": gradient, "_loss": loss}
+        return theta.detach(), report
+
+    def _polish(self, problem: "_Problem", theta: torch.Tensor, hyper: dict, report: dict):
+        """Judges the mode by what is left to gain, the Newton decrement ``1/2 g^T H^-1 g`` (the rise in
+        ``log p(y, theta)``, and so the evidence's error, that one more Newton step would bring), and
+        takes up to three Newton steps with the curvature where L-BFGS stopped short of the tolerance
+        ``max(1e-10 |U|, 1e-8)`` (float64; ``100 eps |U|`` in lower precision).
+
+        Returns:
+            ``(theta, precision at theta, report)``.
+        """
+        gradient, loss = report.pop("_gradient"), report.pop("_loss")
+        tolerance = max(max(1e-10, 100 * torch.finfo(theta.dtype).eps) * max(1.0, abs(loss)), 1e-8)
+        steps = 0
+        while True:
+            with torch.no_grad():
+                precision = problem.precision(theta, hyper, self.hessian, self.curvature)
+                try:
+                    step = (torch.cholesky_solve(gradient.unsqueeze(-1), torch.linalg.cholesky(precision)).squeeze(-1)
+                            if self.hessian is HessianStructure.FULL else gradient / precision)
+                except torch.linalg.LinAlgError:
+                    break
+            decrement = 0.5 * float(gradient @ step)
+            if decrement <= tolerance or steps == _NEWTON_STEPS or self.hessian is not HessianStructure.FULL:
+                break
+            candidate = theta - step
+            with torch.enable_grad():
+                flat = candidate.clone().requires_grad_(True)
+                value = -problem.log_joint(flat, hyper)
+                (new_gradient,) = torch.autograd.grad(value, flat)
+            if not float(value) <= loss:  # the Gauss-Newton step does not help here: keep the L-BFGS mode
+                break
+            theta, gradient, loss, steps = candidate.detach(), new_gradient.detach(), float(value.detach()), steps + 1
+        report.update(newton_decrement=decrement, newton_decrement_tolerance=tolerance, newton_steps=steps,
+                      map_gradient_max=float(gradient.abs().max()))
+        return theta, precision, report
+
+    def _hyperparameters(self, problem: "_Problem", theta: torch.Tensor, hyper: dict) -> tuple[dict, float]:
+        """L-BFGS on the Laplace evidence over the unconstrained hyperparameters at fixed ``theta``;
+        returns the new values and the largest move of an unconstrained hyperparameter."""
+        transforms = {n: transform_to(problem.density.param_constraints[n]) for n in hyper}
+        start = {n: transforms[n].inv(v.detach()) for n, v in hyper.items()}
+        free = {n: u.clone().requires_grad_(True) for n, u in start.items()}
+        cache = problem.curvature_cache(theta, self.curvature, hyper)
+        optimiser = torch.optim.LBFGS(list(free.values()), lr=1.0, max_iter=100, history_size=20,
+                                      line_search_fn="strong_wolfe", tolerance_change=0.0,
+                                      tolerance_grad=1e-9)
+
+        def negative_evidence():
+            values = {n: transforms[n](u) for n, u in free.items()}
+            precision = problem.precision(theta, values, self.hessian, self.curvature, cache)
+            log_det = kernels.log_determinant(precision, self.hessian)
+            return -kernels.laplace_log_evidence(problem.log_joint(theta, values), log_det, theta.numel())
+
+        best = [math.inf]
+
+        def closure():
+            optimiser.zero_grad()
+            try:
+                loss = negative_evidence()
+            except torch.linalg.LinAlgError:
+                return torch.as_tensor(best[0] + 1e6 if math.isfinite(best[0]) else 1e30)
+            loss.backward()
+            best[0] = min(best[0], float(loss.detach()))
+            return loss
+
+        optimiser.step(closure)
+        moved = max((float((free[n].detach() - start[n]).abs().max()) for n in free), default=0.0)
+        return {n: transforms[n](u).detach() for n, u in free.items()}, moved
+
+
+class _Problem:
+    """The program seen as functions of one flat parameter vector (every latent site has real support)."""
+
+    def __init__(self, density: PyroDensity, args: tuple, kwargs: dict, output: str | None, trace):
+        self.density, self.args, self.kwargs, self.output = density, args, kwargs, output
+        self.site_shapes = {n: tuple(density.initial[n].shape) for n in density.latent_sites}
+        self.observed = [n for n in density.observed_sites if not trace.nodes[n]["infer"].get("_deterministic", False)]
+        self.num_data = self._data_size(trace)
+
+    def _data_size(self, trace) -> int | None:
+        sizes = {frame.size for n in self.observed for frame in trace.nodes[n]["cond_indep_stack"] if frame.vectorized}
+        return max(sizes) if sizes else None
+
+    def flatten(self, values: dict) -> torch.Tensor:
+        return torch.cat([values[n].reshape(-1) for n in self.site_shapes])
+
+    def split(self, theta: torch.Tensor) -> dict:
+        out, start = {}, 0
+        for name, shape in self.site_shapes.items():
+            size = math.prod(shape)
+            out[name] = theta[start:start + size].reshape(shape)
+            start += size
+        return out
+
+    def log_joint(self, theta: torch.Tensor, hyper: dict) -> torch.Tensor:
+        return self.density.log_joint(self.split(theta), hyper, self.args, self.kwargs)
+
+    def captured_loss_and_gradient(self, theta: torch.Tensor, hyper: dict):
+        """``f(theta, *hyper values by name) -> (-log p(y, theta), its gradient in theta)`` as one checked
+        graph (:func:`~bmm_ppl.inference.program.graph_capture.capture_checked`), or ``None``."""
+        from bmm_ppl.inference.program.graph_capture import capture_checked
+
+        names = sorted(hyper)
+
+        def negative_log_joint(flat, *values):
+            return -self.log_joint(flat, dict(zip(names, values)))
+
+        value_and_grad = torch.func.grad_and_value(negative_log_joint)
+
+        def loss_and_gradient(flat, *values):
+            gradient, loss = value_and_grad(flat, *values)
+            return loss, gradient
+
+        def eager(flat, *values):
+            flat = flat.detach().requires_grad_(True)
+            loss = negative_log_joint(flat, *values)
+            return loss, torch.autograd.grad(loss, flat)[0]
+
+        example = [theta] + [hyper[n] for n in names]
+        probe = [theta + 0.01 * torch.randn_like(theta)] + example[1:]
+        return capture_checked(loss_and_gradient, example, probe, eager, rtol=1e-6)
+
+    def prior_precision(self, hyper: dict) -> torch.Tensor:
+        """Tensor[P]: ``1 / scale^2`` of every latent element's Normal prior at ``hyper``."""
+        trace = self.density.trace(self.density.unconstrain({}), hyper, self.args, self.kwargs, observations=False)
+        parts = []
+        for name, shape in self.site_shapes.items():
+            normal = _normal_base(trace.nodes[name]["fn"])
+            parts.append(normal.scale.expand(shape).reshape(-1).pow(-2))
+        return torch.cat(parts)
+
+    def curvature_cache(self, theta: torch.Tensor, curvature: Curvature, hyper: dict) -> dict:
+        """What the hyperparameter search holds fixed: the output and its Jacobian at ``theta`` (GGN).
+
+        Raises:
+            UnsupportedModelError: the observations depend on the latents other than through the output
+                (the Gauss-Newton split would drop that part of the curvature).
+        """
+        if curvature is not Curvature.GGN:
+            return {}
+        fixed = {n: v.detach() for n, v in hyper.items()}
+
+        def output_of(flat):
+            return self.density.trace(self.split(flat), fixed, self.args, self.kwargs).nodes[self.output]["value"]
+
+        value = output_of(theta.detach()).detach()
+        n = value.shape[0] if value.dim() else 1
+        jacobian = torch.func.jacrev(lambda flat: output_of(flat).reshape(n, -1))(theta.detach())
+        with torch.enable_grad():
+            around = theta.detach().clone().requires_grad_(True)
+            bypass = self.density.log_likelihood(self.split(around), fixed, self.args, self.kwargs,
+                                                 deterministic={self.output: value})
+            (leak,) = torch.autograd.grad(bypass, around, allow_unused=True) if bypass.requires_grad else (None,)
+        if leak is not None and float(leak.abs().max()) > 1e-8 * max(1.0, abs(float(bypass.detach()))):
+            raise UnsupportedModelError(
+                f"the observations depend on the latents other than through the output {self.output!r} "
+                "(e.g. a latent noise scale, or a second network head): record every parameter of the "
+                "observations' distribution in that one pyro.deterministic site, or use curvature='ef'"
+            )
+        return {"output": value, "jacobian": jacobian.detach()}  # [n, K, P]
+
+    def precision(self, theta: torch.Tensor, hyper: dict, structure: HessianStructure, curvature: Curvature,
+                  cache: dict | None = None) -> torch.Tensor:
+        """The posterior precision (``Tensor[P, P]`` or ``Tensor[P]``) at ``theta``, differentiable in ``hyper``."""
+        cache = self.curvature_cache(theta, curvature, hyper) if cache is None else cache
+        if curvature is Curvature.GGN:
+            theta_values = self.split(theta.detach())
+            output = cache["output"]
+            shaped = output if output.dim() else output.reshape(1)
+
+            def likelihood_of_output(f):
+                return self.density.log_likelihood(theta_values, hyper, self.args, self.kwargs,
+                                                   deterministic={self.output: f.reshape(output.shape)})
+
+            blocks = kernels.output_hessian_blocks(likelihood_of_output, shaped)
+            matrix = kernels.gauss_newton(cache["jacobian"], blocks, structure)
+        else:
+            matrix = kernels.empirical_fisher(self.pointwise_gradients(theta, hyper), structure)
+        return kernels.posterior_precision(matrix, self.prior_precision(hyper), structure)
+
+    def pointwise_gradients(self, theta: torch.Tensor, hyper: dict) -> torch.Tensor:
+        """Tensor[n, P]: the gradient of each data point's log-likelihood."""
+        if self.num_data is None:
+            raise UnsupportedModelError("curvature='ef' needs the observations in a plate over the data points")
+
+        def pointwise(flat):
+            trace = self.density.trace(self.split(flat), hyper, self.args, self.kwargs)
+            plate = data_plate(trace, self.num_data)
+            total = 0.0
+            for name in self.observed:
+                site = trace.nodes[name]
+                log_prob = site_log_prob(site, trace)
+                dim = next(f.dim for f in site["cond_indep_stack"] if f.name == plate)
+                if log_prob.dim() < -dim:
+                    log_prob = log_prob.reshape((1,) * (-dim - log_prob.dim()) + tuple(log_prob.shape))
+                moved = log_prob.movedim(dim, 0)
+                total = total + moved.expand((self.num_data,) + tuple(moved.shape[1:])).reshape(self.num_data, -1).sum(-1)
+            return total
+
+        return torch.func.jacrev(pointwise)(theta.detach())
+
+
+__all__ = ["Laplace"]
