@@ -89,9 +89,10 @@ class Laplace:
     **Predictions.** ``Posterior.predict`` runs the network at weights drawn from ``N(theta*, H^-1)`` (the
     "NN sampling" predictive). For a GGN Laplace on a network this underfits badly: draws move along
     directions the data do not constrain, where the network is far from linear (Immer, Korzepa & Bauer
-    2021, "Improving predictions of Bayesian neural nets via local linearization"). The linearised (GLM)
-    predictive they recommend is not built yet; until it is, read predictions off the mode
-    (``latent_distribution.mean``) and use this engine for its evidence and hyperparameters.
+    2021, "Improving predictions of Bayesian neural nets via local linearization"). Use the linearised
+    (GLM) predictive they recommend, :func:`~bmm_ppl.inference.laplace.linearised_predictive` (the
+    output's mean and covariance at new inputs; :func:`~bmm_ppl.inference.laplace.probit_probabilities`
+    for classes).
 
     Args:
         hessian: ``"full"`` or ``"diag"`` (:class:`HessianStructure`).

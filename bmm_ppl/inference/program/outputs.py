@@ -72,4 +72,23 @@ class ReplaceDeterministic(Messenger):
         msg["value"] = value
 
 
-__all__ = ["ReplaceDeterministic", "choose_output_site", "deterministic_sites"]
+
+
+def output_at(model, values: dict, hyperparameters: dict, args: tuple, kwargs: dict, output: str):
+    """The value of the output site ``output`` of one run of ``model(*args, **kwargs)`` with its latent
+    sites fixed to ``values`` and its ``pyro.param`` sites to ``hyperparameters`` (differentiable in
+    ``values``): e.g. a network's output at new inputs, for a linearised predictive."""
+    import pyro
+    import pyro.poutine as poutine
+
+    from bmm_ppl.inference.program.sites import with_hyperparameters
+
+    conditioned = poutine.condition(with_hyperparameters(model, hyperparameters), data=values)
+    with pyro.get_param_store().scope():
+        trace = poutine.trace(conditioned).get_trace(*args, **kwargs)
+    if output not in trace.nodes:
+        raise UnsupportedModelError(f"the model has no site {output!r} at these inputs")
+    return trace.nodes[output]["value"]
+
+
+__all__ = ["ReplaceDeterministic", "choose_output_site", "deterministic_sites", "output_at"]

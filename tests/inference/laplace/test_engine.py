@@ -178,3 +178,38 @@ def test_follows_the_data_device(meta_default_device):
     x, y = regression_data()
     post = Laplace(progress=False).fit(linear_network(2.0, 9.0), x, y)
     assert post.samples(2)["w"].device.type == "cpu"
+
+
+def test_linearised_predictive_of_a_linear_model_is_the_exact_predictive():
+    """For an output linear in the weights the linearisation is exact: mean x* mu and variance x* Sigma x*^T
+    of Exact's posterior (variances to 1e-8 relative; means to 1e-8 absolute, the mode's accuracy)."""
+    from bmm_ppl.inference.laplace import linearised_predictive
+
+    x, y = regression_data()
+    new = regression_data(n=7, seed=3)[0]
+    exact = Exact().fit(BayesianLinearRegression(IdentityFeatures(bias=False), 2.0, 9.0), x, y).latent_distribution
+    post = Laplace(progress=False).fit(linear_network(2.0, 9.0), x, y)
+    mean, variance = linearised_predictive(post, new, None)
+    # the mode is as exact as its Newton decrement (<= 1e-8 nats) allows: 3.5e-10 off here
+    torch.testing.assert_close(mean, new @ exact.mean["w"], rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(variance, ((new @ exact.covariance_matrix) * new).sum(-1), rtol=1e-8, atol=1e-12)
+    diagonal = Laplace(hessian="diag", progress=False).fit(linear_network(2.0, 9.0), x, y)
+    _, diagonal_variance = linearised_predictive(diagonal, new, None)
+    scale = diagonal.latent_distribution.scale
+    torch.testing.assert_close(diagonal_variance, (new.pow(2) * scale.pow(2)).sum(-1), rtol=1e-8, atol=1e-12)
+
+
+def test_probit_class_probabilities_from_a_softmax_regression():
+    from bmm_ppl.inference.laplace import linearised_predictive, probit_probabilities
+
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(40, 2, generator=g, dtype=F64, device="cpu")
+    y = torch.randint(0, 3, (40,), generator=g, device="cpu")
+    post = Laplace(progress=False).fit(linear_output_model("categorical"), x, y)
+    mean, covariance = linearised_predictive(post, x[:5], None)
+    assert mean.shape == (5, 3) and covariance.shape == (5, 3, 3)
+    assert bool((torch.linalg.eigvalsh(covariance) > -1e-12).all())
+    probabilities = probit_probabilities(mean, covariance)
+    torch.testing.assert_close(probabilities.sum(-1), torch.ones(5, dtype=F64))
+    # the probit shrinks the mode's confidence toward uniform
+    assert bool((probabilities.max(-1).values <= torch.softmax(mean, -1).max(-1).values + 1e-12).all())
