@@ -271,11 +271,9 @@ def digits_ensemble(num_train, num_members, hidden, epochs):
     return x[:num_train], (x[num_train:], y[num_train:]), members
 
 
-def test_nll(probs, y):
+def held_out_nll(probs, y):
+    """Mean negative log-probability of the labels ``y`` under ``probs`` (Tensor[n, K])."""
     return float(-torch.log(probs[torch.arange(len(y)), y]).mean())
-
-
-test_nll.__test__ = False  # a helper, not a test
 
 
 def distilled_test_nll_ratio(num_train, num_members, hidden, epochs):
@@ -291,7 +289,7 @@ def distilled_test_nll_ratio(num_train, num_members, hidden, epochs):
             mine = torch.softmax(student(x_test), -1)
     finally:
         torch.set_num_threads(previous)
-    return test_nll(mine, y_test) / test_nll(teacher, y_test), result
+    return held_out_nll(mine, y_test) / held_out_nll(teacher, y_test), result
 
 
 def test_digits_student_of_a_small_ensemble_within_ten_percent():
