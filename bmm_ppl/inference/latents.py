@@ -12,6 +12,22 @@ from typing import ClassVar
 import torch
 
 
+def split_sites(flat: torch.Tensor, site_shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """``{site: Tensor[..., *shape]}`` from ``flat: Tensor[..., D]``, the sites flattened and concatenated
+    in the order of ``site_shapes``.
+
+    Example:
+        >>> {k: v.shape for k, v in split_sites(torch.zeros(5, 7), {"a": (2,), "b": (1, 5)}).items()}
+        {'a': torch.Size([5, 2]), 'b': torch.Size([5, 1, 5])}
+    """
+    out, start = {}, 0
+    for name, shape in site_shapes.items():
+        size = math.prod(shape)
+        out[name] = flat[..., start : start + size].reshape(flat.shape[:-1] + tuple(shape))
+        start += size
+    return out
+
+
 class LatentDistribution(abc.ABC):
     """A distribution over named latent sites with ``sample(num_samples) -> {site: Tensor[num_samples, *shape]}``."""
 
@@ -65,12 +81,7 @@ class GaussianLatents(LatentDistribution):
         self.scale_factor = scale_factor
 
     def _split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        out, start = {}, 0
-        for name, shape in self.site_shapes.items():
-            size = math.prod(shape)
-            out[name] = flat[..., start : start + size].reshape(flat.shape[:-1] + shape)
-            start += size
-        return out
+        return split_sites(flat, self.site_shapes)
 
     def sample(self, num_samples: int) -> dict[str, torch.Tensor]:
         noise = self.loc.new_empty(num_samples, self.scale_factor.shape[1]).normal_()

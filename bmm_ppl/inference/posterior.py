@@ -13,6 +13,7 @@ from torch.distributions import constraints
 
 from bmm_ppl.inference.evidence import Evidence
 from bmm_ppl.inference.latents import LatentDistribution, latent_distribution_from_state_dict
+from bmm_ppl.inference.program.sites import is_module_parameter
 from bmm_ppl.inference.program.runs import (
     inspect_model,
     observed_values,
@@ -289,7 +290,7 @@ class Posterior:
                 "pass the data it was fitted to as args= / kwargs="
             ) from error
         for name in hyperparameters:
-            if "$$$" not in name and name not in params:
+            if not is_module_parameter(name) and name not in params:
                 raise ValueError(
                     f"the saved posterior has hyperparameter {name!r}, which is not a pyro.param site of the given "
                     f"model {model_name} (its param sites: {sorted(params)})"

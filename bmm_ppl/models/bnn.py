@@ -233,8 +233,8 @@ class BayesianNeuralNetwork:
                 with pyro.plate("data", num_data, dim=-1, device=x.device):
                     # Recorded so that predictive class probabilities (and distillation) need no
                     # Monte-Carlo average of one-hot label draws.
-                    pyro.deterministic("logits", out, event_dim=1)
-                    return pyro.sample("obs", dist.Categorical(logits=out), obs=y)
+                    logits = pyro.deterministic("logits", out, event_dim=1)
+                    return pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
             noise = hyperparameter_site("noise", self.noise, like=like)
             per_datum = tuple(out.shape[num_draw_dims + 1 :])  # one datum's outputs
             if tuple(per_datum) == (1,) and (y is None or y.dim() == 1):

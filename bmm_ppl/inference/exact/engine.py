@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Callable
 
@@ -15,6 +14,7 @@ from bmm_ppl.inference.errors import (
 )
 from bmm_ppl.inference.evidence import Evidence
 from bmm_ppl.inference.latents import GaussianLatents
+from bmm_ppl.inference.optimisation import backing_off_closure
 from bmm_ppl.inference.posterior import Posterior
 from bmm_ppl.inference.exact.type2 import GRADIENT_TOLERANCE, maximise_evidence
 from bmm_ppl.contracts.hyperparameters import Fixed, Hyperprior, Learned
@@ -179,23 +179,12 @@ class Exact:
                 tolerance_change=1e-12, line_search_fn="strong_wolfe",
             )
 
-            best = [math.inf]
-
-            def closure():
+            def counted():
                 nonlocal evaluations
-                optimiser.zero_grad()
                 evaluations += 1
-                try:
-                    loss = negative_log_evidence()
-                except torch.linalg.LinAlgError:
-                    # A line-search probe left the positive-definite cone numerically: answer with a
-                    # finite penalty above the best value so far, which sends the search back.
-                    return torch.as_tensor(best[0] + 1e6 if math.isfinite(best[0]) else 1e30)
-                loss.backward()
-                best[0] = min(best[0], float(loss.detach()))
-                return loss
+                return negative_log_evidence()
 
-            optimiser.step(closure)
+            optimiser.step(backing_off_closure(optimiser, counted))
             iterations = optimiser.state[optimiser._params[0]].get("n_iter", 0)
         with torch.no_grad():
             learned = {name: value.detach() for name, value in values().items()}

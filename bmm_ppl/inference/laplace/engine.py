@@ -23,16 +23,16 @@ from bmm_ppl.inference.errors import ConvergenceWarning, DivergenceError, Unsupp
 from bmm_ppl.inference.evidence import Evidence
 from bmm_ppl.inference.laplace import curvature as kernels
 from bmm_ppl.inference.laplace.structures import Curvature, HessianStructure
-from bmm_ppl.inference.latents import DiagonalGaussianLatents, GaussianLatents
+from bmm_ppl.inference.latents import DiagonalGaussianLatents, GaussianLatents, split_sites
+from bmm_ppl.inference.optimisation import backing_off_closure
 from bmm_ppl.inference.posterior import Posterior
 from bmm_ppl.inference.program.functional_density import PyroDensity
 from bmm_ppl.inference.program.log_density import site_log_prob
 from bmm_ppl.inference.program.minibatch import data_plate
 from bmm_ppl.inference.program.outputs import choose_output_site
-from bmm_ppl.inference.program.sites import is_latent_site, prototype_trace, subsampled_plates
+from bmm_ppl.inference.program.sites import is_latent_site, is_module_parameter, prototype_trace, subsampled_plates
 from bmm_ppl.validation import prepare_data
 
-_MODULE_SEPARATOR = "$$$"
 _MODE_RESTARTS = 3
 _NEWTON_STEPS = 3
 
@@ -57,7 +57,7 @@ def _check_program(trace) -> None:
             "(subsample_size): remove the subsampling"
         )
     for name, site in trace.nodes.items():
-        if site["type"] == "param" and _MODULE_SEPARATOR in name:
+        if site["type"] == "param" and is_module_parameter(name):
             raise UnsupportedModelError(
                 f"Laplace approximates the posterior of sample sites, but {name!r} is a parameter of an "
                 "nn.Module registered with pyro.module: give the weights priors (BayesianNeuralNetwork does)"
@@ -153,6 +153,8 @@ class Laplace:
         problem = _Problem(density, args, kwargs, output, trace)
         hyper = {name: value.clone() for name, value in density.param_values.items()}
         theta = problem.flatten(density.unconstrain({}))
+        if output is not None:
+            problem.check_output(theta, hyper)  # before any work
 
         rounds, converged_rounds, map_report = 0, not hyper, {}
         with tqdm(total=self.max_rounds if hyper else 1, disable=not self.progress, desc="Laplace", leave=False) as bar:
@@ -301,19 +303,7 @@ class Laplace:
             log_det = kernels.log_determinant(precision, self.hessian)
             return -kernels.laplace_log_evidence(problem.log_joint(theta, values), log_det, theta.numel())
 
-        best = [math.inf]
-
-        def closure():
-            optimiser.zero_grad()
-            try:
-                loss = negative_evidence()
-            except torch.linalg.LinAlgError:
-                return torch.as_tensor(best[0] + 1e6 if math.isfinite(best[0]) else 1e30)
-            loss.backward()
-            best[0] = min(best[0], float(loss.detach()))
-            return loss
-
-        optimiser.step(closure)
+        optimiser.step(backing_off_closure(optimiser, negative_evidence))
         moved = max((float((free[n].detach() - start[n]).abs().max()) for n in free), default=0.0)
         return {n: transforms[n](u).detach() for n, u in free.items()}, moved
 
@@ -335,12 +325,7 @@ class _Problem:
         return torch.cat([values[n].reshape(-1) for n in self.site_shapes])
 
     def split(self, theta: torch.Tensor) -> dict:
-        out, start = {}, 0
-        for name, shape in self.site_shapes.items():
-            size = math.prod(shape)
-            out[name] = theta[start:start + size].reshape(shape)
-            start += size
-        return out
+        return split_sites(theta, self.site_shapes)
 
     def log_joint(self, theta: torch.Tensor, hyper: dict) -> torch.Tensor:
         return self.density.log_joint(self.split(theta), hyper, self.args, self.kwargs)
@@ -380,12 +365,7 @@ class _Problem:
         return torch.cat(parts)
 
     def curvature_cache(self, theta: torch.Tensor, curvature: Curvature, hyper: dict) -> dict:
-        """What the hyperparameter search holds fixed: the output and its Jacobian at ``theta`` (GGN).
-
-        Raises:
-            UnsupportedModelError: the observations depend on the latents other than through the output
-                (the Gauss-Newton split would drop that part of the curvature).
-        """
+        """What the hyperparameter search holds fixed: the output and its Jacobian at ``theta`` (GGN)."""
         if curvature is not Curvature.GGN:
             return {}
         fixed = {n: v.detach() for n, v in hyper.items()}
@@ -396,6 +376,19 @@ class _Problem:
         value = output_of(theta.detach()).detach()
         n = value.shape[0] if value.dim() else 1
         jacobian = torch.func.jacrev(lambda flat: output_of(flat).reshape(n, -1))(theta.detach())
+        return {"output": value, "jacobian": jacobian.detach()}  # [n, K, P]
+
+    def check_output(self, theta: torch.Tensor, hyper: dict) -> None:
+        """Refuses a program whose observations depend on the latents other than through the output
+        (the Gauss-Newton split would drop that part of the curvature): with the output held at its
+        value, the log-likelihood's gradient in the latents must vanish.
+
+        Raises:
+            UnsupportedModelError: naming the output site.
+        """
+        fixed = {n: v.detach() for n, v in hyper.items()}
+        trace = self.density.trace(self.split(theta.detach()), fixed, self.args, self.kwargs)
+        value = trace.nodes[self.output]["value"].detach()
         with torch.enable_grad():
             around = theta.detach().clone().requires_grad_(True)
             bypass = self.density.log_likelihood(self.split(around), fixed, self.args, self.kwargs,
@@ -404,10 +397,11 @@ class _Problem:
         if leak is not None and float(leak.abs().max()) > 1e-8 * max(1.0, abs(float(bypass.detach()))):
             raise UnsupportedModelError(
                 f"the observations depend on the latents other than through the output {self.output!r} "
-                "(e.g. a latent noise scale, or a second network head): record every parameter of the "
-                "observations' distribution in that one pyro.deterministic site, or use curvature='ef'"
+                "(e.g. a latent noise scale, a second network head, or the distribution built from the "
+                "value before pyro.deterministic rather than from what it returns): record every parameter "
+                "of the observations' distribution in that one pyro.deterministic site and use its return "
+                "value, or use curvature='ef'"
             )
-        return {"output": value, "jacobian": jacobian.detach()}  # [n, K, P]
 
     def precision(self, theta: torch.Tensor, hyper: dict, structure: HessianStructure, curvature: Curvature,
                   cache: dict | None = None) -> torch.Tensor:

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from bmm_ppl.inference.latents import split_sites
 from bmm_ppl.inference.posterior import Posterior
 from bmm_ppl.inference.program.outputs import output_at
 
@@ -49,16 +50,8 @@ def linearised_predictive(posterior: Posterior, *args, **kwargs) -> tuple[torch.
     hyperparameters = posterior.hyperparameters or {}
     mode = latents.loc.detach()
 
-    def split(flat):
-        values, start = {}, 0
-        for name, shape in shapes.items():
-            size = math.prod(shape)
-            values[name] = flat[start:start + size].reshape(shape)
-            start += size
-        return values
-
     def output_of(flat):
-        return output_at(posterior.model, split(flat), hyperparameters, args, kwargs, output)
+        return output_at(posterior.model, split_sites(flat, shapes), hyperparameters, args, kwargs, output)
 
     mean = output_of(mode).detach()
     scalar = mean.dim() == 1

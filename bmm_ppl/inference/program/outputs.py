@@ -9,10 +9,13 @@ at such sites, so that the likelihood can be read as a function of the output al
 
 from __future__ import annotations
 
+import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 from pyro.poutine.messenger import Messenger
 
 from bmm_ppl.inference.errors import UnsupportedModelError
+from bmm_ppl.inference.program.sites import with_hyperparameters
 
 
 def deterministic_sites(trace) -> list[str]:
@@ -78,11 +81,6 @@ def output_at(model, values: dict, hyperparameters: dict, args: tuple, kwargs: d
     """The value of the output site ``output`` of one run of ``model(*args, **kwargs)`` with its latent
     sites fixed to ``values`` and its ``pyro.param`` sites to ``hyperparameters`` (differentiable in
     ``values``): e.g. a network's output at new inputs, for a linearised predictive."""
-    import pyro
-    import pyro.poutine as poutine
-
-    from bmm_ppl.inference.program.sites import with_hyperparameters
-
     conditioned = poutine.condition(with_hyperparameters(model, hyperparameters), data=values)
     with pyro.get_param_store().scope():
         trace = poutine.trace(conditioned).get_trace(*args, **kwargs)

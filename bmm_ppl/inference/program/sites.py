@@ -136,13 +136,18 @@ def subsampled_plates(trace: poutine.Trace) -> list[str]:
             if site["type"] == "sample" and site_is_subsample(site) and site["value"].numel() < site["fn"].size]
 
 
+def is_module_parameter(name: str) -> bool:
+    """Whether a ``pyro.param`` name is a parameter of an ``nn.Module`` registered with ``pyro.module``."""
+    return _MODULE_SEPARATOR in name
+
+
 def with_hyperparameters(model: Callable, hyperparameters: dict | None) -> Callable:
     """The model with its ``pyro.param`` sites fixed to ``hyperparameters``.
 
     Parameters of an ``nn.Module`` registered with ``pyro.module`` are left out: they live in the module
     itself (which the fit trained in place), and Pyro's substitution cannot reach them.
     """
-    values = {n: v for n, v in (hyperparameters or {}).items() if _MODULE_SEPARATOR not in n}
+    values = {n: v for n, v in (hyperparameters or {}).items() if not is_module_parameter(n)}
     return poutine.substitute(model, data=values) if values else model
 
 

@@ -20,7 +20,7 @@ from bmm_ppl._enums import StrEnum
 from bmm_ppl.inference.program.batching import under_outer_plate
 from bmm_ppl.inference.program.enumeration import enumerated_log_density
 from bmm_ppl.inference.program.log_density import site_log_prob, sum_keeping_batch
-from bmm_ppl.inference.program.sites import is_sample_site
+from bmm_ppl.inference.program.sites import is_module_parameter, is_sample_site
 
 PARTICLE_PLATE = "_bmm_particles"
 
@@ -284,7 +284,7 @@ def compile_loss_and_gradients(objective: Callable, state: SVIState, inputs: tup
 
     from bmm_ppl.inference.program.graph_capture import capture_checked
 
-    if not state.names or any("$$$" in name for name in state.names):
+    if not state.names or any(is_module_parameter(name) for name in state.names):
         return None
     constraints = pyro.get_param_store().get_state()["constraints"]
     if any(name not in constraints for name in state.names):

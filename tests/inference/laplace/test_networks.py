@@ -73,3 +73,15 @@ def test_learned_noise_on_the_documentation_network_within_ten_percent():
     post = Laplace(progress=False).fit(BayesianNeuralNetwork(tanh_network(50), prior_scale=None, noise=None), x, y)
     assert abs(float(post.hyperparameters["noise"]) / 0.3 - 1) < 0.1
     assert post.diagnostics["converged"]
+
+
+def test_a_categorical_network_reads_its_logits_through_the_output():
+    """BayesianNeuralNetwork(likelihood="categorical") builds its Categorical from what
+    pyro.deterministic("logits") returns, so the GGN's output check passes and the fit converges."""
+    g = torch.Generator(device="cpu").manual_seed(2)
+    x = torch.randn(30, 2, generator=g, dtype=F64, device="cpu")
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    post = Laplace(progress=False).fit(BayesianNeuralNetwork(net, prior_scale=1.0, likelihood="categorical"), x, y)
+    assert post.diagnostics["output"] == "logits" and post.diagnostics["converged"]
