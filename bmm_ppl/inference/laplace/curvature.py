@@ -86,17 +86,6 @@ def posterior_precision(curvature: torch.Tensor, prior_precision: torch.Tensor, 
     return curvature + prior_precision
 
 
-def log_determinant(precision: torch.Tensor, structure: HessianStructure) -> torch.Tensor:
-    """``log det`` of the posterior precision (Cholesky for the full matrix).
-
-    Raises:
-        torch.linalg.LinAlgError: the full matrix is not positive definite.
-    """
-    if structure is HessianStructure.FULL:
-        return 2.0 * torch.linalg.cholesky(precision).diagonal().log().sum()
-    return precision.log().sum()
-
-
 def laplace_log_evidence(log_joint_at_mode: torch.Tensor, log_det_precision: torch.Tensor, num_parameters: int) -> torch.Tensor:
     """``log p(y) ~= log p(y, theta*) + P/2 log 2 pi - 1/2 log det H`` (MacKay 1992; Immer et al. 2021, eq. 3).
 
@@ -107,14 +96,4 @@ def laplace_log_evidence(log_joint_at_mode: torch.Tensor, log_det_precision: tor
     return log_joint_at_mode + 0.5 * num_parameters * math.log(2 * math.pi) - 0.5 * log_det_precision
 
 
-def covariance_factor(precision: torch.Tensor, structure: HessianStructure) -> torch.Tensor:
-    """``S`` with ``S S^T = H^-1``: ``L^-T`` for ``H = L L^T`` (full), ``H^-1/2`` (diagonal, ``Tensor[P]``)."""
-    if structure is HessianStructure.FULL:
-        lower = torch.linalg.cholesky(precision)
-        identity = torch.eye(precision.shape[0], dtype=precision.dtype, device=precision.device)
-        return torch.linalg.solve_triangular(lower, identity, upper=False).T
-    return precision.rsqrt()
-
-
-__all__ = ["covariance_factor", "empirical_fisher", "gauss_newton", "laplace_log_evidence", "log_determinant",
-           "output_hessian_blocks", "posterior_precision"]
+__all__ = ["empirical_fisher", "gauss_newton", "laplace_log_evidence", "output_hessian_blocks", "posterior_precision"]

@@ -22,8 +22,11 @@ from tqdm.auto import tqdm
 from bmm_ppl.inference.errors import ConvergenceWarning, DivergenceError, UnsupportedModelError
 from bmm_ppl.inference.evidence import Evidence
 from bmm_ppl.inference.laplace import curvature as kernels
-from bmm_ppl.inference.laplace.structures import Curvature, HessianStructure
-from bmm_ppl.inference.latents import DiagonalGaussianLatents, GaussianLatents, split_sites
+from bmm_ppl.inference.laplace import kfac
+from bmm_ppl.inference.laplace.precision import (BlockPrecision, DensePrecision, DiagonalPrecision, KroneckerFactors,
+                                                 PosteriorPrecision)
+from bmm_ppl.inference.laplace.structures import Curvature, HessianStructure, KFACApproximation
+from bmm_ppl.inference.latents import split_sites
 from bmm_ppl.inference.optimisation import backing_off_closure
 from bmm_ppl.inference.posterior import Posterior
 from bmm_ppl.inference.program.functional_density import PyroDensity
@@ -94,10 +97,20 @@ class Laplace:
     output's mean and covariance at new inputs; :func:`~bmm_ppl.inference.laplace.probit_probabilities`
     for classes).
 
+    **Structures.** ``hessian="full"`` (exact for the curvature), ``"diag"``, or ``"kron"``: KFAC, each
+    linear layer's weight (a site passed to ``F.linear``, as ``nn.Linear`` under ``functional_call`` does,
+    or ``x @ w``) Kronecker-factored, biases and any other site as exact dense blocks (see
+    :mod:`~bmm_ppl.inference.laplace.kfac`; weights shared over a dimension by ``kfac="expand"`` or
+    ``"reduce"``). ``subset=[site, ...]`` approximates only those sites (a last-layer or subnetwork
+    Laplace); the others stay at the mode and, being point estimates, their prior is left out of the
+    evidence (as laplace-torch's subnetwork and last-layer evidence do).
+
     Args:
-        hessian: ``"full"`` or ``"diag"`` (:class:`HessianStructure`).
-        curvature: ``"ggn"`` or ``"ef"`` (:class:`Curvature`).
+        hessian: ``"full"``, ``"diag"`` or ``"kron"`` (:class:`HessianStructure`).
+        curvature: ``"ggn"`` or ``"ef"`` (:class:`Curvature`; ``"kron"`` needs ``"ggn"``).
         output: the ``pyro.deterministic`` site for the GGN (default: the only one).
+        subset: the latent sites the Gaussian is over (default: all).
+        kfac: ``"expand"`` or ``"reduce"`` (:class:`KFACApproximation`), for ``hessian="kron"``.
         max_iter: L-BFGS iterations for the mode (per round).
         max_rounds: alternations of mode and hyperparameters (type-II).
         tolerance: type-II stops when no unconstrained hyperparameter moves by more than this in a round.
@@ -126,10 +139,19 @@ class Laplace:
     """
 
     def __init__(self, hessian: str | HessianStructure = HessianStructure.FULL, curvature: str | Curvature = Curvature.GGN,
-                 output: str | None = None, max_iter: int = 500, max_rounds: int = 200, tolerance: float = 1e-7,
+                 output: str | None = None, subset=None, kfac: str | KFACApproximation = KFACApproximation.EXPAND,
+                 max_iter: int = 500, max_rounds: int = 200, tolerance: float = 1e-7,
                  jit: bool = True, device=None, progress: bool = True):
         self.hessian = HessianStructure.parse(hessian, "hessian")
         self.curvature = Curvature.parse(curvature, "curvature")
+        self.kfac = KFACApproximation.parse(kfac, "kfac")
+        if self.hessian is HessianStructure.KRON and self.curvature is not Curvature.GGN:
+            raise ValueError("hessian='kron' needs curvature='ggn' (KFAC factors the Gauss-Newton matrix)")
+        if subset is not None:
+            if isinstance(subset, str) or not all(isinstance(name, str) for name in subset) or not list(subset):
+                raise TypeError(f"subset must be a non-empty list of latent site names, got {subset!r}")
+            subset = list(subset)
+        self.subset = subset
         if output is not None and not isinstance(output, str):
             raise TypeError(f"output must be the name of a pyro.deterministic site, got {output!r}")
         self.output = output
@@ -145,14 +167,56 @@ class Laplace:
     # ------------------------------------------------------------------ entry
     def fit(self, model: Callable, *args, **kwargs) -> Posterior:
         """Fits ``model(*args, **kwargs)`` and returns a :class:`Posterior` with ``method="laplace"``."""
+        return self._fit(model, args, kwargs, init=None)
+
+    def fit_network(self, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, likelihood="gaussian",
+                    prior_precision=1.0, noise=1.0) -> Posterior:
+        """The second entry, for a plain ``nn.Module`` and a likelihood (laplace-torch's post-hoc use): the
+        Laplace approximation at the network's weights, refined to the mode of the regularised loss.
+
+        The network becomes :class:`~bmm_ppl.models.BayesianNeuralNetwork` ``(module, prior_scale=
+        prior_precision ** -0.5, likelihood, noise)``, whose sites are ``"net.<parameter>"``; the mode
+        search starts at the module's current parameters (a trained network: a few iterations), which
+        are never changed. The returned posterior is that model's, so ``predict``, ``compare`` and the
+        linearised predictive take it as they take any other.
+
+        Args:
+            module: ``module(x) -> Tensor[n, K]`` (or ``Tensor[n]``).
+            x, y: inputs Tensor[n, ...]; targets Tensor[n] / Tensor[n, K] (``"gaussian"``) or integer labels
+                Tensor[n] (``"categorical"``).
+            likelihood: ``"gaussian"`` (regression) or ``"categorical"`` (classification).
+            prior_precision: ``delta`` of the prior ``N(0, 1/delta)`` on every weight, or ``None`` for one
+                per layer learned by type-II.
+            noise: the Gaussian noise standard deviation, or ``None`` for learned (ignored for categorical).
+
+        Example:
+            >>> net = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+            >>> x = torch.linspace(-2, 2, 30, dtype=torch.float64).unsqueeze(-1)
+            >>> post = Laplace(hessian="kron", progress=False).fit_network(net, x, torch.sin(x).squeeze(-1), noise=0.1)
+            >>> post.diagnostics["hessian"], sorted(post.samples(2))[:2]
+            ('kron', ['net.0.bias', 'net.0.weight'])
+        """
+        from bmm_ppl.models.bnn import BayesianNeuralNetwork
+
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        if prior_precision is not None and not (isinstance(prior_precision, (int, float)) and prior_precision > 0):
+            raise ValueError(f"prior_precision must be a positive number or None (learned), got {prior_precision!r}")
+        scale = None if prior_precision is None else float(prior_precision) ** -0.5
+        model = BayesianNeuralNetwork(module, prior_scale=scale, likelihood=likelihood, noise=noise)
+        init = {f"{model.name}.{name}": p.detach() for name, p in module.named_parameters()}
+        return self._fit(model, (x, y), {}, init=init)
+
+    def _fit(self, model: Callable, args: tuple, kwargs: dict, init: dict | None) -> Posterior:
         args, kwargs = prepare_data(args, kwargs, self.device, model)
         trace = prototype_trace(model, args, kwargs)
         _check_program(trace)
         output = choose_output_site(trace, self.output) if self.curvature is Curvature.GGN else None
         density = PyroDensity(model, args, kwargs)
-        problem = _Problem(density, args, kwargs, output, trace)
+        problem = _Problem(density, args, kwargs, output, trace, self.subset, self.hessian, self.kfac)
         hyper = {name: value.clone() for name, value in density.param_values.items()}
-        theta = problem.flatten(density.unconstrain({}))
+        start = {name: value.to(density.initial[name]) for name, value in (init or {}).items()}
+        theta = problem.flatten(density.unconstrain(start))
         if output is not None:
             problem.check_output(theta, hyper)  # before any work
 
@@ -173,16 +237,16 @@ class Laplace:
 
         theta, precision, map_report = self._polish(problem, theta, hyper, map_report)
         with torch.no_grad():
-            log_joint = problem.log_joint(theta, hyper)
+            log_joint = problem.evidence_log_joint(theta, hyper)
             try:
-                log_det = kernels.log_determinant(precision, self.hessian)
-                factor = kernels.covariance_factor(precision, self.hessian)
+                log_det = precision.log_det()
+                latents = precision.latents(theta, problem.site_shapes)
             except torch.linalg.LinAlgError:
                 raise DivergenceError(
                     "the Laplace posterior precision is not positive definite at the mode (a prior precision "
                     "running to 0 with a flat likelihood direction): fix or bound the prior scale"
                 ) from None
-            log_evidence = kernels.laplace_log_evidence(log_joint, log_det, theta.numel())
+            log_evidence = kernels.laplace_log_evidence(log_joint, log_det, precision.num_parameters)
         if not torch.isfinite(log_evidence):
             raise DivergenceError(f"the Laplace evidence is {float(log_evidence)} at the mode")
         decrement, tolerance = map_report["newton_decrement"], map_report["newton_decrement_tolerance"]
@@ -190,7 +254,9 @@ class Laplace:
         converged = converged_mode and converged_rounds
         diagnostics = {
             **map_report, "converged": converged, "rounds": rounds, "hessian": self.hessian.value,
-            "curvature": self.curvature.value, "output": output, "num_parameters": theta.numel(),
+            "curvature": self.curvature.value, "output": output, "num_parameters": precision.num_parameters,
+            "subset": problem.approximated_sites if self.subset is not None else None,
+            "kfac": self.kfac.value if self.hessian is HessianStructure.KRON else None,
             "log_det_precision": float(log_det), "log_joint_at_mode": float(log_joint),
         }
         if not converged:
@@ -199,9 +265,6 @@ class Laplace:
                    else f"the hyperparameters still moved after max_rounds={self.max_rounds} rounds")
             warnings.warn(f"Laplace did not converge: {why}; raise max_iter / max_rounds or rescale the data",
                           ConvergenceWarning, stacklevel=2)
-        shapes = problem.site_shapes
-        latents = (GaussianLatents(theta, factor, shapes) if self.hessian is HessianStructure.FULL
-                   else DiagonalGaussianLatents(theta, factor, shapes))
         return Posterior(
             model, args, kwargs, latent_distribution=latents,
             log_evidence=Evidence(float(log_evidence), None, "laplace"),
@@ -262,24 +325,23 @@ class Laplace:
         """
         gradient, loss = report.pop("_gradient"), report.pop("_loss")
         tolerance = max(max(1e-10, 100 * torch.finfo(theta.dtype).eps) * max(1.0, abs(loss)), 1e-8)
-        steps = 0
+        steps, newton = 0, self.hessian is HessianStructure.FULL and self.subset is None
         while True:
             with torch.no_grad():
-                precision = problem.precision(theta, hyper, self.hessian, self.curvature)
+                precision = problem.precision(theta, hyper, self.curvature)
                 try:
-                    step = (torch.cholesky_solve(gradient.unsqueeze(-1), torch.linalg.cholesky(precision)).squeeze(-1)
-                            if self.hessian is HessianStructure.FULL else gradient / precision)
+                    step = precision.solve(gradient)
                 except torch.linalg.LinAlgError:
                     break
             decrement = 0.5 * float(gradient @ step)
-            if decrement <= tolerance or steps == _NEWTON_STEPS or self.hessian is not HessianStructure.FULL:
+            if decrement <= tolerance or steps == _NEWTON_STEPS or not newton:
                 break
             candidate = theta - step
             with torch.enable_grad():
                 flat = candidate.clone().requires_grad_(True)
                 value = -problem.log_joint(flat, hyper)
                 (new_gradient,) = torch.autograd.grad(value, flat)
-            if not float(value) <= loss:  # the Gauss-Newton step does not help here: keep the L-BFGS mode
+            if not float(value.detach()) <= loss:  # the Gauss-Newton step does not help here: keep the L-BFGS mode
                 break
             theta, gradient, loss, steps = candidate.detach(), new_gradient.detach(), float(value.detach()), steps + 1
         report.update(newton_decrement=decrement, newton_decrement_tolerance=tolerance, newton_steps=steps,
@@ -293,15 +355,15 @@ class Laplace:
         start = {n: transforms[n].inv(v.detach()) for n, v in hyper.items()}
         free = {n: u.clone().requires_grad_(True) for n, u in start.items()}
         cache = problem.curvature_cache(theta, self.curvature, hyper)
+        size = problem.num_approximated
         optimiser = torch.optim.LBFGS(list(free.values()), lr=1.0, max_iter=100, history_size=20,
                                       line_search_fn="strong_wolfe", tolerance_change=0.0,
                                       tolerance_grad=1e-9)
 
         def negative_evidence():
             values = {n: transforms[n](u) for n, u in free.items()}
-            precision = problem.precision(theta, values, self.hessian, self.curvature, cache)
-            log_det = kernels.log_determinant(precision, self.hessian)
-            return -kernels.laplace_log_evidence(problem.log_joint(theta, values), log_det, theta.numel())
+            precision = problem.precision(theta, values, self.curvature, cache)
+            return -kernels.laplace_log_evidence(problem.evidence_log_joint(theta, values), precision.log_det(), size)
 
         optimiser.step(backing_off_closure(optimiser, negative_evidence))
         moved = max((float((free[n].detach() - start[n]).abs().max()) for n in free), default=0.0)
@@ -311,11 +373,28 @@ class Laplace:
 class _Problem:
     """The program seen as functions of one flat parameter vector (every latent site has real support)."""
 
-    def __init__(self, density: PyroDensity, args: tuple, kwargs: dict, output: str | None, trace):
+    def __init__(self, density: PyroDensity, args: tuple, kwargs: dict, output: str | None, trace,
+                 subset: list[str] | None, structure: HessianStructure, approximation: KFACApproximation):
         self.density, self.args, self.kwargs, self.output = density, args, kwargs, output
+        self.structure, self.approximation = structure, approximation
         self.site_shapes = {n: tuple(density.initial[n].shape) for n in density.latent_sites}
         self.observed = [n for n in density.observed_sites if not trace.nodes[n]["infer"].get("_deterministic", False)]
         self.num_data = self._data_size(trace)
+        self.site_index, start = {}, 0
+        device = next(iter(density.initial.values())).device
+        for name, shape in self.site_shapes.items():
+            size = math.prod(shape)
+            self.site_index[name] = torch.arange(start, start + size, device=device)
+            start += size
+        if subset is not None:
+            unknown = [name for name in subset if name not in self.site_shapes]
+            if unknown:
+                raise ValueError(f"subset names {unknown}, which are not latent sites of the model; "
+                                 f"its latent sites are {list(self.site_shapes)}")
+        self.approximated_sites = [n for n in self.site_shapes if subset is None or n in subset]
+        self.index = torch.cat([self.site_index[n] for n in self.approximated_sites])
+        self.whole = subset is None
+        self.num_approximated = int(self.index.numel())
 
     def _data_size(self, trace) -> int | None:
         sizes = {frame.size for n in self.observed for frame in trace.nodes[n]["cond_indep_stack"] if frame.vectorized}
@@ -329,6 +408,15 @@ class _Problem:
 
     def log_joint(self, theta: torch.Tensor, hyper: dict) -> torch.Tensor:
         return self.density.log_joint(self.split(theta), hyper, self.args, self.kwargs)
+
+    def evidence_log_joint(self, theta: torch.Tensor, hyper: dict) -> torch.Tensor:
+        """``log p(y, theta)`` less the prior of the sites held at the mode (a subnetwork's point estimates)."""
+        value = self.log_joint(theta, hyper)
+        held = [n for n in self.site_shapes if n not in self.approximated_sites]
+        if held:
+            trace = self.density.trace(self.split(theta), hyper, self.args, self.kwargs, observations=False)
+            value = value - sum(site_log_prob(trace.nodes[n], trace).sum() for n in held)
+        return value
 
     def captured_loss_and_gradient(self, theta: torch.Tensor, hyper: dict):
         """``f(theta, *hyper values by name) -> (-log p(y, theta), its gradient in theta)`` as one checked
@@ -364,19 +452,61 @@ class _Problem:
             parts.append(normal.scale.expand(shape).reshape(-1).pow(-2))
         return torch.cat(parts)
 
-    def curvature_cache(self, theta: torch.Tensor, curvature: Curvature, hyper: dict) -> dict:
-        """What the hyperparameter search holds fixed: the output and its Jacobian at ``theta`` (GGN)."""
-        if curvature is not Curvature.GGN:
-            return {}
+    def _output_function(self, hyper: dict):
         fixed = {n: v.detach() for n, v in hyper.items()}
 
         def output_of(flat):
             return self.density.trace(self.split(flat), fixed, self.args, self.kwargs).nodes[self.output]["value"]
 
+        return output_of
+
+    def _output_jacobian(self, output_of, theta: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+        """Tensor[n, K, m]: the output's Jacobian in the elements ``index`` (the others held at ``theta``)."""
+        base = theta.detach()
+        if index.numel() == base.numel():
+            return torch.func.jacrev(lambda flat: output_of(flat).reshape(n, -1))(base)
+        return torch.func.jacrev(lambda part: output_of(base.index_copy(0, index, part)).reshape(n, -1))(base[index])
+
+    def curvature_cache(self, theta: torch.Tensor, curvature: Curvature, hyper: dict) -> dict:
+        """What the hyperparameter search holds fixed at ``theta`` (GGN): the output, and its Jacobian in the
+        approximated elements (full, diag) or the KFAC layer factors and the other sites' Jacobians (kron)."""
+        if curvature is not Curvature.GGN:
+            return {}
+        output_of = self._output_function(hyper)
         value = output_of(theta.detach()).detach()
         n = value.shape[0] if value.dim() else 1
-        jacobian = torch.func.jacrev(lambda flat: output_of(flat).reshape(n, -1))(theta.detach())
-        return {"output": value, "jacobian": jacobian.detach()}  # [n, K, P]
+        if self.structure is not HessianStructure.KRON:
+            return {"output": value, "jacobian": self._output_jacobian(output_of, theta, self.index, n).detach()}
+        return {"output": value, **self._kronecker_cache(output_of, theta, hyper, n, value.numel() // n if value.dim() else 1)}
+
+    def _kronecker_cache(self, output_of, theta: torch.Tensor, hyper: dict, n: int, num_outputs: int) -> dict:
+        fixed = {name: v.detach() for name, v in hyper.items()}
+
+        def run():
+            leaf = theta.detach().clone().requires_grad_(True)
+            trace = self.density.trace(self.split(leaf), fixed, self.args, self.kwargs)
+            return {name: trace.nodes[name]["value"] for name in self.site_shapes}, trace.nodes[self.output]["value"]
+
+        def directional(site, direction):
+            tangent = torch.zeros_like(theta).index_copy(0, self.site_index[site], direction.reshape(-1))
+            _, derivative = torch.func.jvp(output_of, (theta.detach(),), (tangent,))
+            return derivative.reshape(n, num_outputs)
+
+        with torch.enable_grad():
+            weights, biases, _ = kfac.record_layers(run, self.approximated_sites, self.approximation, num_outputs,
+                                                    directional)
+        in_layers = {f.site for f in weights} | {f.site for f in biases}
+        rest = [name for name in self.approximated_sites if name not in in_layers]
+        for name in rest:
+            if self.site_index[name].numel() > kfac.MAX_DENSE_SITE:
+                raise UnsupportedModelError(
+                    f"hessian='kron' found site {name!r} ({self.site_index[name].numel()} elements) outside any "
+                    f"linear layer, and its dense block would exceed {kfac.MAX_DENSE_SITE} elements: pass it to "
+                    "F.linear / nn.Linear (or x @ w) once, leave it out with subset=, or use hessian='diag'"
+                )
+        rest_index = torch.cat([self.site_index[name] for name in rest]) if rest else None
+        rest_jacobian = None if rest_index is None else self._output_jacobian(output_of, theta, rest_index, n).detach()
+        return {"weights": weights, "biases": biases, "rest_index": rest_index, "rest_jacobian": rest_jacobian}
 
     def check_output(self, theta: torch.Tensor, hyper: dict) -> None:
         """Refuses a program whose observations depend on the latents other than through the output
@@ -403,24 +533,61 @@ class _Problem:
                 "value, or use curvature='ef'"
             )
 
-    def precision(self, theta: torch.Tensor, hyper: dict, structure: HessianStructure, curvature: Curvature,
-                  cache: dict | None = None) -> torch.Tensor:
-        """The posterior precision (``Tensor[P, P]`` or ``Tensor[P]``) at ``theta``, differentiable in ``hyper``."""
+    def precision(self, theta: torch.Tensor, hyper: dict, curvature: Curvature, cache: dict | None = None
+                  ) -> PosteriorPrecision:
+        """The posterior precision at ``theta`` in the engine's structure, differentiable in ``hyper``."""
         cache = self.curvature_cache(theta, curvature, hyper) if cache is None else cache
-        if curvature is Curvature.GGN:
-            theta_values = self.split(theta.detach())
-            output = cache["output"]
-            shaped = output if output.dim() else output.reshape(1)
+        prior = self.prior_precision(hyper)
+        if curvature is Curvature.EF:
+            gradients = self.pointwise_gradients(theta, hyper)[:, self.index]
+            return self._assemble(kernels.empirical_fisher(gradients, self._flat_structure), prior)
+        blocks = self._likelihood_blocks(theta, hyper, cache["output"])
+        if self.structure is not HessianStructure.KRON:
+            return self._assemble(kernels.gauss_newton(cache["jacobian"], blocks, self._flat_structure), prior)
+        kronecker = []
+        for factors in cache["weights"]:
+            index = self.site_index[factors.site]
+            delta = prior[index]
+            if float(delta.max() - delta.min()) > 1e-10 * float(delta.max()):
+                raise UnsupportedModelError(
+                    f"hessian='kron' needs one prior precision per weight matrix, but site {factors.site!r} has a "
+                    "prior scale that varies within it: give it one scale, or use hessian='full' or 'diag'"
+                )
+            layer = kfac.gauss_newton_factor(factors.output_gradients, factors.point, blocks)
+            left, right = (factors.activations, layer) if factors.transposed else (layer, factors.activations)
+            kronecker.append(KroneckerFactors.of(index, left, right, delta[0]))
+        dense = []
+        for factors in cache["biases"]:
+            index = self.site_index[factors.site]
+            matrix = kfac.gauss_newton_factor(factors.output_gradients, None, blocks)
+            dense.append((index, matrix + torch.diag_embed(prior[index])))
+        if cache["rest_index"] is not None:
+            index = cache["rest_index"]
+            matrix = kernels.gauss_newton(cache["rest_jacobian"], blocks, HessianStructure.FULL)
+            dense.append((index, matrix + torch.diag_embed(prior[index])))
+        return BlockPrecision(kronecker, dense)
 
-            def likelihood_of_output(f):
-                return self.density.log_likelihood(theta_values, hyper, self.args, self.kwargs,
-                                                   deterministic={self.output: f.reshape(output.shape)})
+    @property
+    def _flat_structure(self) -> HessianStructure:
+        return HessianStructure.DIAG if self.structure is HessianStructure.DIAG else HessianStructure.FULL
 
-            blocks = kernels.output_hessian_blocks(likelihood_of_output, shaped)
-            matrix = kernels.gauss_newton(cache["jacobian"], blocks, structure)
-        else:
-            matrix = kernels.empirical_fisher(self.pointwise_gradients(theta, hyper), structure)
-        return kernels.posterior_precision(matrix, self.prior_precision(hyper), structure)
+    def _assemble(self, curvature: torch.Tensor, prior: torch.Tensor) -> PosteriorPrecision:
+        """A full or diagonal curvature over the approximated elements, plus their prior precision."""
+        matrix = kernels.posterior_precision(curvature, prior[self.index], self._flat_structure)
+        if self.whole:
+            return DensePrecision(matrix) if matrix.dim() == 2 else DiagonalPrecision(matrix)
+        return BlockPrecision([], [(self.index, matrix if matrix.dim() == 2 else torch.diag_embed(matrix))])
+
+    def _likelihood_blocks(self, theta: torch.Tensor, hyper: dict, output: torch.Tensor) -> torch.Tensor:
+        """Tensor[n, K, K]: the negative Hessian of each point's log-likelihood in its output."""
+        theta_values = self.split(theta.detach())
+        shaped = output if output.dim() else output.reshape(1)
+
+        def likelihood_of_output(f):
+            return self.density.log_likelihood(theta_values, hyper, self.args, self.kwargs,
+                                               deterministic={self.output: f.reshape(output.shape)})
+
+        return kernels.output_hessian_blocks(likelihood_of_output, shaped)
 
     def pointwise_gradients(self, theta: torch.Tensor, hyper: dict) -> torch.Tensor:
         """Tensor[n, P]: the gradient of each data point's log-likelihood."""

@@ -57,12 +57,7 @@ def linearised_predictive(posterior: Posterior, *args, **kwargs) -> tuple[torch.
     scalar = mean.dim() == 1
     n = mean.shape[0]
     jacobian = torch.func.jacrev(lambda flat: output_of(flat).reshape(n, -1))(mode)  # [n, K, P]
-    scale = getattr(latents, "scale", None)
-    if scale is not None and scale.dim() == 1:  # diagonal posterior
-        covariance = torch.einsum("nkp,p,nlp->nkl", jacobian, scale.pow(2), jacobian)
-    else:
-        projected = jacobian @ latents.scale_factor  # [n, K, R]
-        covariance = projected @ projected.mT
+    covariance = latents.output_covariance(jacobian)
     if scalar:
         return mean, covariance[:, 0, 0]
     return mean, covariance

@@ -24,6 +24,19 @@ class HessianStructure(_Parsed):
     DIAG = "diag"
     """Its diagonal: ``O(P)``; ignores every correlation between parameters (the log determinant is
     that of the diagonal, an approximation of the full one)."""
+    KRON = "kron"
+    """Block diagonal over the sites, each linear layer's weight block Kronecker-factored (KFAC,
+    ``kron(G, A)``: ``O(out^2 + in^2)`` memory per layer), biases and other sites dense blocks; GGN only."""
+
+
+class KFACApproximation(_Parsed):
+    """How KFAC treats a dimension over which a layer's weights are shared (a sequence, a set):
+    Eschenhagen et al. 2023. Both are exact for one data point without sharing."""
+
+    EXPAND = "expand"
+    """Each position of the shared dimension counts as a data point in both factors."""
+    REDUCE = "reduce"
+    """The inputs are averaged and the output gradients summed over the shared dimension first."""
 
 
 class Curvature(_Parsed):
@@ -38,4 +51,4 @@ class Curvature(_Parsed):
     no output site; not the Hessian even for linear models (Kunstner et al. 2019)."""
 
 
-__all__ = ["Curvature", "HessianStructure"]
+__all__ = ["Curvature", "HessianStructure", "KFACApproximation"]

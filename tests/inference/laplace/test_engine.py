@@ -166,8 +166,14 @@ def test_refusals_name_the_site_and_feature():
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match=r"hessian must be one of 'full', 'diag', got 'kron'"):
-        Laplace(hessian="kron")
+    with pytest.raises(ValueError, match=r"hessian must be one of 'full', 'diag', 'kron', got 'lowrank'"):
+        Laplace(hessian="lowrank")
+    with pytest.raises(ValueError, match=r"hessian='kron' needs curvature='ggn'"):
+        Laplace(hessian="kron", curvature="ef")
+    with pytest.raises(ValueError, match=r"kfac must be one of 'expand', 'reduce'"):
+        Laplace(hessian="kron", kfac="sum")
+    with pytest.raises(TypeError, match="subset must be a non-empty list"):
+        Laplace(subset="w")
     with pytest.raises(ValueError, match="curvature must be one of"):
         Laplace(curvature="hessian")
     with pytest.raises(ValueError, match="max_rounds must be a positive int"):
