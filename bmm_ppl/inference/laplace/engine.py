@@ -223,7 +223,7 @@ class Laplace:
         rounds, converged_rounds, map_report = 0, not hyper, {}
         with tqdm(total=self.max_rounds if hyper else 1, disable=not self.progress, desc="Laplace", leave=False) as bar:
             while True:
-                theta, map_report = self._mode(problem, theta, hyper)
+                theta, map_report = self._mode(problem, theta, hyper, capture=init is None or rounds > 0)
                 rounds += 1
                 bar.update(1)
                 if not hyper or rounds >= self.max_rounds:
@@ -272,14 +272,17 @@ class Laplace:
         )
 
     # ------------------------------------------------------------------ steps
-    def _mode(self, problem: "_Problem", theta: torch.Tensor, hyper: dict) -> tuple[torch.Tensor, dict]:
+    def _mode(self, problem: "_Problem", theta: torch.Tensor, hyper: dict, capture: bool = True
+              ) -> tuple[torch.Tensor, dict]:
         """L-BFGS on ``-log p(y, theta)`` at fixed hyperparameters (the loss and gradient as one captured
-        graph where the program allows, else eager); stops on L-BFGS's own tests, restarted while it
-        still makes progress (convergence is judged in :meth:`fit` by the Newton decrement)."""
+        graph where the program allows and ``capture``, else eager); stops on L-BFGS's own tests,
+        restarted while it still makes progress (convergence is judged in :meth:`fit` by the Newton
+        decrement). A start at a trained network's weights (``fit_network``) runs eagerly: it stops
+        within a few iterations, and capture would cost more than it saves."""
         theta = theta.detach().clone().requires_grad_(True)
         fixed = {n: v.detach() for n, v in hyper.items()}
         names = sorted(fixed)
-        captured = problem.captured_loss_and_gradient(theta.detach(), fixed) if self.jit else None
+        captured = problem.captured_loss_and_gradient(theta.detach(), fixed) if self.jit and capture else None
         optimiser = torch.optim.LBFGS([theta], lr=1.0, max_iter=self.max_iter, history_size=50,
                                       line_search_fn="strong_wolfe", tolerance_grad=0.0,
                                       tolerance_change=torch.finfo(theta.dtype).eps)
@@ -468,18 +471,42 @@ class _Problem:
         return torch.func.jacrev(lambda part: output_of(base.index_copy(0, index, part)).reshape(n, -1))(base[index])
 
     def curvature_cache(self, theta: torch.Tensor, curvature: Curvature, hyper: dict) -> dict:
-        """What the hyperparameter search holds fixed at ``theta`` (GGN): the output, and its Jacobian in the
-        approximated elements (full, diag) or the KFAC layer factors and the other sites' Jacobians (kron)."""
+        """What the hyperparameter search holds fixed at ``theta`` (GGN): the output, and its per-point
+        Jacobian in the approximated elements (full, diag) or the KFAC layer factors and the other sites'
+        Jacobians (kron). Linear layers' Jacobians come from their recorded inputs and output gradients
+        (``K`` backward passes, checked against forward-mode derivatives); other sites by ``jacrev``."""
         if curvature is not Curvature.GGN:
             return {}
         output_of = self._output_function(hyper)
         value = output_of(theta.detach()).detach()
         n = value.shape[0] if value.dim() else 1
-        if self.structure is not HessianStructure.KRON:
-            return {"output": value, "jacobian": self._output_jacobian(output_of, theta, self.index, n).detach()}
-        return {"output": value, **self._kronecker_cache(output_of, theta, hyper, n, value.numel() // n if value.dim() else 1)}
+        num_outputs = value.numel() // n if value.dim() else 1
+        records, mismatched = self._layer_records(output_of, theta, hyper, n, num_outputs)
+        if self.structure is HessianStructure.KRON:
+            kfac.refuse_mismatches(mismatched)
+        records = {r.site: r for r in records if r.site not in mismatched}
+        rest = [name for name in self.approximated_sites if name not in records]
+        if self.structure is HessianStructure.KRON:
+            for name in rest:
+                if self.site_index[name].numel() > kfac.MAX_DENSE_SITE:
+                    raise UnsupportedModelError(
+                        f"hessian='kron' found site {name!r} ({self.site_index[name].numel()} elements) outside any "
+                        f"linear layer, and its dense block would exceed {kfac.MAX_DENSE_SITE} elements: pass it to "
+                        "F.linear / nn.Linear (or x @ w) once, leave it out with subset=, or use hessian='diag'"
+                    )
+        rest_index = torch.cat([self.site_index[name] for name in rest]) if rest else None
+        rest_jacobian = None if rest_index is None else self._output_jacobian(output_of, theta, rest_index, n).detach()
+        if self.structure is HessianStructure.KRON:
+            return {"output": value, "rest_index": rest_index, "rest_jacobian": rest_jacobian,
+                    "weights": [kfac.kronecker_factors(r, self.approximation) for r in records.values() if not r.is_bias],
+                    "biases": [(r.site, kfac.bias_gradients(r)) for r in records.values() if r.is_bias]}
+        parts, rest_columns = [], iter(() if rest_jacobian is None else rest_jacobian.split(
+            [self.site_index[name].numel() for name in rest], dim=-1))
+        for name in self.approximated_sites:
+            parts.append(records[name].per_point_jacobian() if name in records else next(rest_columns))
+        return {"output": value, "jacobian": torch.cat(parts, dim=-1)}
 
-    def _kronecker_cache(self, output_of, theta: torch.Tensor, hyper: dict, n: int, num_outputs: int) -> dict:
+    def _layer_records(self, output_of, theta: torch.Tensor, hyper: dict, n: int, num_outputs: int):
         fixed = {name: v.detach() for name, v in hyper.items()}
 
         def run():
@@ -493,20 +520,7 @@ class _Problem:
             return derivative.reshape(n, num_outputs)
 
         with torch.enable_grad():
-            weights, biases, _ = kfac.record_layers(run, self.approximated_sites, self.approximation, num_outputs,
-                                                    directional)
-        in_layers = {f.site for f in weights} | {f.site for f in biases}
-        rest = [name for name in self.approximated_sites if name not in in_layers]
-        for name in rest:
-            if self.site_index[name].numel() > kfac.MAX_DENSE_SITE:
-                raise UnsupportedModelError(
-                    f"hessian='kron' found site {name!r} ({self.site_index[name].numel()} elements) outside any "
-                    f"linear layer, and its dense block would exceed {kfac.MAX_DENSE_SITE} elements: pass it to "
-                    "F.linear / nn.Linear (or x @ w) once, leave it out with subset=, or use hessian='diag'"
-                )
-        rest_index = torch.cat([self.site_index[name] for name in rest]) if rest else None
-        rest_jacobian = None if rest_index is None else self._output_jacobian(output_of, theta, rest_index, n).detach()
-        return {"weights": weights, "biases": biases, "rest_index": rest_index, "rest_jacobian": rest_jacobian}
+            return kfac.record_layers(run, self.approximated_sites, num_outputs, directional)
 
     def check_output(self, theta: torch.Tensor, hyper: dict) -> None:
         """Refuses a program whose observations depend on the latents other than through the output
@@ -557,9 +571,9 @@ class _Problem:
             left, right = (factors.activations, layer) if factors.transposed else (layer, factors.activations)
             kronecker.append(KroneckerFactors.of(index, left, right, delta[0]))
         dense = []
-        for factors in cache["biases"]:
-            index = self.site_index[factors.site]
-            matrix = kfac.gauss_newton_factor(factors.output_gradients, None, blocks)
+        for site, gradients in cache["biases"]:
+            index = self.site_index[site]
+            matrix = kfac.gauss_newton_factor(gradients, None, blocks)
             dense.append((index, matrix + torch.diag_embed(prior[index])))
         if cache["rest_index"] is not None:
             index = cache["rest_index"]

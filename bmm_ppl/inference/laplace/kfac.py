@@ -76,14 +76,48 @@ class LinearLayerRecorder(TorchFunctionMode):
         return out
 
 
+class LayerRecord(NamedTuple):
+    """What one run recorded for a latent site used by exactly one linear layer.
+
+    Attributes:
+        site: the site's name.
+        is_bias: the site is the layer's bias (else its weight).
+        inputs: Tensor[N, T, in], the layer's input (``T`` positions share the weight; 1 without sharing).
+        output_gradients: Tensor[K, N, T, out], ``d f_{n,k} / d h_{n,t}``.
+        transposed: the weight is ``[in, out]`` (``x @ w``), else ``[out, in]`` (``F.linear``).
+    """
+
+    site: str
+    is_bias: bool
+    inputs: torch.Tensor
+    output_gradients: torch.Tensor
+    transposed: bool
+
+    def per_point_jacobian(self) -> torch.Tensor:
+        """Tensor[N, K, size]: the exact Jacobian of each point's output in the site (``sum_t g a^T``)."""
+        g = self.output_gradients
+        if self.is_bias:
+            return g.sum(2).permute(1, 0, 2)
+        pattern = "knto,nti->nkio" if self.transposed else "knto,nti->nkoi"
+        jacobian = torch.einsum(pattern, g, self.inputs)
+        return jacobian.reshape(jacobian.shape[0], jacobian.shape[1], -1)
+
+    def directional(self, direction: torch.Tensor) -> torch.Tensor:
+        """Tensor[N, K]: the output's derivative along ``direction`` (the site's shape) by the record."""
+        if self.is_bias:
+            return torch.einsum("knto,o->nk", self.output_gradients, direction)
+        pattern = "knto,io,nti->nk" if self.transposed else "knto,oi,nti->nk"
+        return torch.einsum(pattern, self.output_gradients, direction, self.inputs)
+
+
 class LayerFactors(NamedTuple):
     """What a weight's Kronecker block is built from, fixed at the mode.
 
     Attributes:
         site: the weight's site name.
-        activations: Tensor[a_in, a_in], ``A``.
-        output_gradients: Tensor[K, N', out]: the ``g`` that ``G = einsum(g, Lambda, g)`` contracts
-            (``N' = N T`` for expand, ``N`` for reduce), with ``point``: LongTensor[N'] the data point of each row.
+        activations: Tensor[in, in], ``A``.
+        output_gradients: Tensor[K, R, out]: the ``g`` that ``G = einsum(g, Lambda, g)`` contracts, with
+            ``point``: LongTensor[R] the data point of each row (``R = N T`` for expand, ``N`` for reduce).
         transposed: the weight is ``[in, out]`` (``x @ w``): its block is ``kron(A, G)``, else ``kron(G, A)``.
     """
 
@@ -94,11 +128,24 @@ class LayerFactors(NamedTuple):
     transposed: bool
 
 
-class BiasFactors(NamedTuple):
-    """A bias's exact block: ``sum_n s_n^T Lambda_n s_n`` with ``s_n`` (Tensor[K, N, out]) the summed ``g``."""
+def kronecker_factors(record: LayerRecord, approximation: KFACApproximation) -> LayerFactors:
+    """A weight's KFAC factors by the chosen treatment of its shared dimension (module docstring)."""
+    g, a = record.output_gradients, record.inputs
+    k, n, shared, out = g.shape
+    if approximation is KFACApproximation.EXPAND:
+        activations = torch.einsum("nti,ntj->ij", a, a) / (n * shared)
+        rows, point = g.reshape(k, n * shared, out), torch.arange(n, device=g.device).repeat_interleave(shared)
+    else:
+        mean = a.mean(1)
+        activations = mean.T @ mean / n
+        rows, point = g.sum(2), torch.arange(n, device=g.device)
+    return LayerFactors(record.site, activations, rows, point, record.transposed)
 
-    site: str
-    output_gradients: torch.Tensor
+
+def bias_gradients(record: LayerRecord) -> torch.Tensor:
+    """Tensor[K, N, out]: a bias's per-point output gradients (summed over a shared dimension), the
+    ``s`` of its exact block ``sum_n s_n^T Lambda_n s_n``."""
+    return record.output_gradients.sum(2)
 
 
 def gauss_newton_factor(output_gradients: torch.Tensor, point: torch.Tensor | None, blocks: torch.Tensor) -> torch.Tensor:
@@ -113,100 +160,87 @@ def gauss_newton_factor(output_gradients: torch.Tensor, point: torch.Tensor | No
     return torch.einsum("kro,rkl,lrp->op", output_gradients, weights, output_gradients)
 
 
-def record_layers(run: Callable[[], tuple[dict, torch.Tensor]], sites: list[str], approximation: KFACApproximation,
-                  num_outputs: int, directional: Callable[[str, torch.Tensor], torch.Tensor]
-                  ) -> tuple[list[LayerFactors], list[BiasFactors], torch.Tensor]:
-    """Runs the program once under a :class:`LinearLayerRecorder`, backpropagates the ``K`` outputs, and
-    checks the recorded layers against the program (:func:`check_factors`).
+def record_layers(run: Callable[[], tuple[dict, torch.Tensor]], sites: list[str], num_outputs: int,
+                  directional: Callable[[str, torch.Tensor], torch.Tensor]
+                  ) -> tuple[list[LayerRecord], dict[str, float]]:
+    """Runs the program once under a :class:`LinearLayerRecorder`, backpropagates the ``K`` outputs to
+    every layer output, and checks each record against the program (:func:`mismatched_records`).
 
     Args:
         run: ``() -> (site values {name: Tensor}, output Tensor[N, ...])``, with the latents requiring grad.
         sites: the latent sites to look for among the layers' weights and biases.
-        approximation: expand or reduce.
         num_outputs: ``K``.
         directional: ``(site, V) -> Tensor[N, K]``, the output's exact derivative along ``V`` in that site.
 
     Returns:
-        ``(weights, biases, output)``: the factors of every site used by exactly one layer (a site used by
-        several is left out: the caller gives it a dense block), and the output Tensor[N, K].
-
-    Raises:
-        UnsupportedModelError: a layer's site fails the check.
+        ``(records, mismatched)``: a record per site used by exactly one layer, in the order of ``sites``
+        (a site used by several layers, or by none, has none), and ``{site: error}`` for the records that
+        fail the check (the caller refuses them or differentiates those sites directly).
     """
     with LinearLayerRecorder() as recorder:
         values, output = run()
     n = output.shape[0]
     flat_output = output.reshape(n, num_outputs)
-    uses: dict[str, list[tuple[LinearCall, str]]] = {}
+    uses: dict[str, list[tuple[LinearCall, bool]]] = {}
     by_id = {id(values[s]): s for s in sites}
     for call in recorder.calls:
-        for role, tensor in (("weight", call.weight), ("bias", call.bias)):
+        for is_bias, tensor in ((False, call.weight), (True, call.bias)):
             if tensor is not None and id(tensor) in by_id:
-                uses.setdefault(by_id[id(tensor)], []).append((call, role))
+                uses.setdefault(by_id[id(tensor)], []).append((call, is_bias))
     single = {s: u[0] for s, u in uses.items() if len(u) == 1}
     calls = list({id(c.output): c for c, _ in single.values()}.values())
     if not calls:
-        return [], [], flat_output.detach()
+        return [], {}
     gradients = [[] for _ in calls]
     for k in range(num_outputs):
         grads = torch.autograd.grad(flat_output[:, k].sum(), [c.output for c in calls], retain_graph=True, allow_unused=True)
         for store, grad, call in zip(gradients, grads, calls):
             store.append(torch.zeros_like(call.output) if grad is None else grad)
     by_output = {id(c.output): torch.stack(g).detach() for c, g in zip(calls, gradients)}  # [K, N, *S, out]
-
-    weights, biases, rebuilders = [], [], {}
-    for site, (call, role) in single.items():
+    records = []
+    for site in sorted(single, key=sites.index):
+        call, is_bias = single[site]
         g = by_output[id(call.output)]
         shared = math.prod(g.shape[2:-1])
-        g = g.reshape(num_outputs, n, shared, g.shape[-1])
-        summed = g.sum(2)
-        if role == "bias":
-            biases.append(BiasFactors(site, summed))
-            rebuilders[site] = lambda v, summed=summed: torch.einsum("kno,o->nk", summed, v)
-            continue
-        a = call.input.detach().reshape(n, shared, call.input.shape[-1])
-        pattern = "knto,io,nti->nk" if call.transposed else "knto,oi,nti->nk"
-        rebuilders[site] = lambda v, g=g, a=a, pattern=pattern: torch.einsum(pattern, g, v, a)
-        if approximation is KFACApproximation.EXPAND:
-            activations = torch.einsum("nti,ntj->ij", a, a) / (n * shared)
-            rows = g.reshape(num_outputs, n * shared, g.shape[-1])
-            point = torch.arange(n, device=g.device).repeat_interleave(shared)
-        else:
-            mean = a.mean(1)
-            activations = mean.T @ mean / n
-            rows, point = summed, torch.arange(n, device=g.device)
-        weights.append(LayerFactors(site, activations, rows, point, call.transposed))
-    check_factors(rebuilders, directional, {s: values[s] for s in rebuilders})
-    weights.sort(key=lambda f: sites.index(f.site))
-    biases.sort(key=lambda f: sites.index(f.site))
-    return weights, biases, flat_output.detach()
+        inputs = call.input.detach().reshape(n, shared, call.input.shape[-1])
+        records.append(LayerRecord(site, is_bias, inputs, g.reshape(num_outputs, n, shared, g.shape[-1]), call.transposed))
+    return records, mismatched_records(records, directional, values)
 
 
-def check_factors(rebuilders: dict[str, Callable[[torch.Tensor], torch.Tensor]],
-                  directional: Callable[[str, torch.Tensor], torch.Tensor], like: dict[str, torch.Tensor]) -> None:
-    """Refuses, by name, a layer site whose recorded ``(a, g)`` do not reproduce the output's derivative.
+def mismatched_records(records: list[LayerRecord], directional: Callable[[str, torch.Tensor], torch.Tensor],
+                       values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The layer sites whose record does not reproduce the output's exact derivative along a random
+    direction (relative 1e-6), with the error: ``{site: error}`` (empty where all agree).
 
     Args:
-        rebuilders: ``{site: V -> Tensor[N, K]}``, the derivative along ``V`` as the layer's factors give it.
+        records: the layer records.
         directional: ``(site, V) -> Tensor[N, K]``, the exact derivative of the output along ``V``.
-        like: ``{site: its value}`` (shape, dtype and device of ``V``).
+        values: ``{site: its value}`` (shape, dtype and device of ``V``).
+    """
+    mismatched = {}
+    for record in records:
+        direction = torch.randn_like(values[record.site].detach())
+        exact = directional(record.site, direction)
+        error = float((exact - record.directional(direction)).abs().max())
+        if error > 1e-6 * max(1.0, float(exact.abs().max())):
+            mismatched[record.site] = error
+    return mismatched
+
+
+def refuse_mismatches(mismatched: dict[str, float]) -> None:
+    """Raises for the first mismatched layer site (KFAC cannot factor it).
 
     Raises:
         UnsupportedModelError: naming the site.
     """
-    for site, rebuild in rebuilders.items():
-        direction = torch.randn_like(like[site].detach())
-        exact = directional(site, direction)
-        rebuilt = rebuild(direction)
-        error = float((exact - rebuilt).abs().max())
-        if error > 1e-6 * max(1.0, float(exact.abs().max())):
-            raise UnsupportedModelError(
-                f"KFAC needs site {site!r} to enter the output only as the weight or bias of one linear layer (F.linear / "
-                f"nn.Linear or x @ w) whose data points are independent, but its derivative differs from the "
-                f"layer's by {error:.3g} (the weight is used elsewhere too, or the layer mixes data points, e.g. "
-                "batch norm): use hessian='full' or 'diag', or subset= without it"
-            )
+    for site, error in mismatched.items():
+        raise UnsupportedModelError(
+            f"KFAC needs site {site!r} to enter the output only as the weight or bias of one linear layer "
+            f"(F.linear / nn.Linear or x @ w) whose data points are independent, but its derivative differs from "
+            f"the layer's by {error:.3g} (the weight is used elsewhere too, or the layer mixes data points, e.g. "
+            "batch norm): use hessian='full' or 'diag', or subset= without it"
+        )
 
 
-__all__ = ["BiasFactors", "LayerFactors", "LinearCall", "LinearLayerRecorder", "MAX_DENSE_SITE", "check_factors",
-           "gauss_newton_factor", "record_layers"]
+__all__ = ["LayerFactors", "LayerRecord", "LinearCall", "LinearLayerRecorder", "MAX_DENSE_SITE", "bias_gradients",
+           "gauss_newton_factor", "kronecker_factors", "mismatched_records", "record_layers", "refuse_mismatches"]
