@@ -44,13 +44,15 @@ def output_hessian_blocks(log_likelihood_of_output: Callable[[torch.Tensor], tor
         return log_likelihood_of_output(f.reshape(output.shape))
 
     gradient = torch.func.grad(of_flat)
-    columns = []
-    for k in range(size):
-        direction = torch.zeros_like(flat)
-        direction[:, k] = 1.0
-        _, column = torch.func.jvp(gradient, (flat,), (direction,))
-        columns.append(-column)
-    return torch.stack(columns, dim=-1)  # [n, K(row), K(column k)]
+    directions = torch.eye(size, dtype=flat.dtype, device=flat.device).unsqueeze(1).expand(size, n, size)
+
+    def column(direction):
+        return -torch.func.jvp(gradient, (flat,), (direction,))[1]
+
+    try:  # all K Hessian-vector products in one vectorised pass
+        return torch.func.vmap(column)(directions).permute(1, 2, 0)  # [n, K(row), K(column k)]
+    except RuntimeError:  # a program vmap cannot run (data-dependent control flow): one product per column
+        return torch.stack([column(direction) for direction in directions], dim=-1)
 
 
 def gauss_newton(jacobian: torch.Tensor, blocks: torch.Tensor, structure: HessianStructure) -> torch.Tensor:

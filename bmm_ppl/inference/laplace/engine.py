@@ -306,7 +306,7 @@ class Laplace:
             return gradient.detach(), loss
 
         iterations, previous = 0, math.inf
-        for _ in range(1 + _MODE_RESTARTS):  # L-BFGS also stops on a loss change below resolution: go again
+        for _ in range(1 + (_MODE_RESTARTS if capture else 0)):  # L-BFGS also stops on a loss change below resolution: go again
             optimiser.step(closure)
             iterations = int(optimiser.state[theta].get("n_iter", 0))
             gradient, loss = check()
