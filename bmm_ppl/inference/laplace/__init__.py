@@ -2,6 +2,6 @@
 
 from bmm_ppl.inference.laplace.engine import Laplace
 from bmm_ppl.inference.laplace.predictive import linearised_predictive, probit_probabilities
-from bmm_ppl.inference.laplace.structures import Curvature, HessianStructure
+from bmm_ppl.inference.laplace.structures import Curvature, HessianStructure, KFACApproximation
 
-__all__ = ["Curvature", "HessianStructure", "Laplace", "linearised_predictive", "probit_probabilities"]
+__all__ = ["Curvature", "HessianStructure", "KFACApproximation", "Laplace", "linearised_predictive", "probit_probabilities"]
