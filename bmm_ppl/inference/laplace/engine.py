@@ -121,8 +121,10 @@ class Laplace:
 
     Diagnostics: ``converged`` (the mode: its Newton decrement ``1/2 g^T H^-1 g`` at most
     ``max(1e-10 |log p(y, theta*)|, 1e-8)`` in float64; and, with hyperparameters, the rounds),
-    ``newton_decrement``, ``newton_steps``, ``map_gradient_max``, ``map_iterations``, ``rounds``, ``hessian``, ``curvature``, ``output``, ``num_parameters``,
-    ``log_det_precision``, ``log_joint_at_mode``.
+    ``newton_decrement``, ``newton_steps``, ``map_gradient_max``, ``map_iterations``, ``rounds``, ``hessian``,
+    ``curvature``, ``output``, ``num_parameters`` (the Gaussian's: a subset's size), ``subset`` (the
+    approximated sites, or ``None`` for all), ``kfac`` (the approximation, for ``"kron"``),
+    ``log_det_precision``, ``log_joint_at_mode`` (less the held sites' prior, with a subset).
 
     Example:
         >>> import pyro
