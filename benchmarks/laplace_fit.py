@@ -10,8 +10,11 @@ regularised cross-entropy (prior precision ``delta``), by our ``Laplace().fit_ne
 - ``laplace.Laplace(net, "classification", subset_of_weights="all", hessian_structure=...)``
   ``.fit(loader)`` + ``.log_marginal_likelihood()`` (curvlinops GGN backend, its default),
 
-and print both evidences, their difference and the time ratio (ours / laplace-torch). ``full`` runs only
-for ``P <= 6000`` parameters (H = 32: 2,410). Needs the ``[bench]`` extra.
+and print both evidences, their difference, the time ratio (ours / laplace-torch) and each one's peak
+memory: every (library, structure) runs once more in a fresh process of its own, which loads the
+trained weights and reports how far its peak resident memory rose above what it held before the call
+(``ru_maxrss``). ``full`` runs only for ``P <= 6000`` parameters (H = 32: 2,410). Needs the ``[bench]``
+extra.
 
 Run: ``python benchmarks/laplace_fit.py [--hidden 32] [--delta 1.0] [--repeats 3]``
 """
@@ -19,7 +22,12 @@ Run: ``python benchmarks/laplace_fit.py [--hidden 32] [--delta 1.0] [--repeats 3
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
 
@@ -51,12 +59,56 @@ def timed(call, repeats: int):
     return statistics.median(times), value
 
 
+def evidence_call(library: str, structure: str, net, x, y, delta: float, laplace_torch):
+    """``() -> log evidence`` of one library's post-hoc Laplace at ``net``'s weights."""
+    if library == "ours":
+        def ours():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                return Laplace(hessian=structure, progress=False).fit_network(
+                    net, x, y, likelihood="categorical", prior_precision=delta).log_evidence.value
+        return ours
+    loader = DataLoader(TensorDataset(x, y), batch_size=len(y))
+
+    def peer():
+        la = laplace_torch.Laplace(net, "classification", subset_of_weights="all", hessian_structure=structure,
+                                   prior_precision=delta)
+        la.fit(loader, progress_bar=False)
+        return float(la.log_marginal_likelihood().detach())
+    return peer
+
+
+def peak_memory_mb(library: str, structure: str, weights: str, hidden: int, delta: float) -> float:
+    """The rise of peak resident memory (MB) of one call, in a fresh process."""
+    result = subprocess.run([sys.executable, __file__, "--memory-probe", library, structure, weights,
+                             "--hidden", str(hidden), "--delta", str(delta)],
+                            capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def memory_probe(library: str, structure: str, weights: str, hidden: int, delta: float) -> None:
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    laplace_torch = import_laplace_torch()
+    x, y = digits()
+    net = network(hidden)
+    net.load_state_dict(torch.load(weights, weights_only=True))
+    call = evidence_call(library, structure, net, x, y, delta, laplace_torch)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    call()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) / 1024.0)  # ru_maxrss is in KB on Linux
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--delta", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-probe", nargs=3, metavar=("LIBRARY", "STRUCTURE", "WEIGHTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_probe:
+        return memory_probe(*args.memory_probe, args.hidden, args.delta)
     laplace_torch = import_laplace_torch()
     if laplace_torch is None:
         raise SystemExit("laplace-torch is not installed: pip install -e '.[bench]'")
@@ -75,28 +127,20 @@ def main() -> None:
     size = sum(p.numel() for p in net.parameters())
     print(f"64-{args.hidden}-10 tanh MLP, P = {size}, n = {len(y)}; mode found in {time.perf_counter() - start:.1f} s "
           f"(Newton decrement {trained.diagnostics['newton_decrement']:.2g})")
-    loader = DataLoader(TensorDataset(x, y), batch_size=len(y))
-    print(f"{'structure':>9} | {'ours (s)':>9} | {'laplace-torch (s)':>17} | {'ratio':>6} | {'evidence (ours)':>15} | difference")
+    weights = tempfile.NamedTemporaryFile(suffix=".pt", delete=False).name
+    torch.save(net.state_dict(), weights)
+    print(f"{'structure':>9} | {'ours (s)':>9} | {'laplace-torch (s)':>17} | {'ratio':>6} | {'ours (MB)':>9} | "
+          f"{'laplace-torch (MB)':>18} | {'evidence (ours)':>15} | difference")
     for structure in ("full", "diag", "kron"):
         if structure == "full" and size > 6000:
             continue
-
-        def ours():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                return Laplace(hessian=structure, progress=False).fit_network(
-                    net, x, y, likelihood="categorical", prior_precision=args.delta).log_evidence.value
-
-        def peer():
-            la = laplace_torch.Laplace(net, "classification", subset_of_weights="all", hessian_structure=structure,
-                                       prior_precision=args.delta)
-            la.fit(loader, progress_bar=False)
-            return float(la.log_marginal_likelihood().detach())
-
-        our_time, our_value = timed(ours, args.repeats)
-        peer_time, peer_value = timed(peer, args.repeats)
-        print(f"{structure:>9} | {our_time:9.3f} | {peer_time:17.3f} | {our_time / peer_time:5.2f}x | "
-              f"{our_value:15.4f} | {our_value - peer_value:.2e}")
+        our_time, our_value = timed(evidence_call("ours", structure, net, x, y, args.delta, laplace_torch), args.repeats)
+        peer_time, peer_value = timed(evidence_call("peer", structure, net, x, y, args.delta, laplace_torch), args.repeats)
+        our_memory = peak_memory_mb("ours", structure, weights, args.hidden, args.delta)
+        peer_memory = peak_memory_mb("peer", structure, weights, args.hidden, args.delta)
+        print(f"{structure:>9} | {our_time:9.3f} | {peer_time:17.3f} | {our_time / peer_time:5.2f}x | {our_memory:9.1f} | "
+              f"{peer_memory:18.1f} | {our_value:15.4f} | {our_value - peer_value:.2e}")
+    os.unlink(weights)
 
 
 if __name__ == "__main__":

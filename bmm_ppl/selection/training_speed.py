@@ -106,8 +106,10 @@ class TrainingSpeed:
     the model trained on the minibatches before it, along one pass of training.
 
     The data are the model's positional tensor arguments, all split along their first dimension (e.g.
-    ``model(x, y)``); keyword arguments are passed to every call unchanged. Training starts at the origin
-    of the latents' unconstrained space (``"laplace"``: then at the prior's mode, by Newton steps).
+    ``model(x, y)``); keyword arguments are passed to every call unchanged. ``"plug-in"`` training starts at
+    a draw from the prior (the one the program's first trace made: at the origin a network's hidden
+    layers sit at a saddle, where every gradient vanishes and nothing trains); ``"laplace"`` starts at the
+    origin of the latents' unconstrained space and moves to the prior's mode by Newton steps.
 
     Args:
         batch_size: points per minibatch.
@@ -186,7 +188,6 @@ class TrainingSpeed:
         if num_points < 2:
             raise ValueError(f"the data have {num_points} point(s); training speed needs at least two minibatches")
 
-        density = PyroDensity(model, args, kwargs)
         generator = torch.Generator(device="cpu")
         if self.seed is None:
             generator.seed()
@@ -197,6 +198,9 @@ class TrainingSpeed:
         orderings = [torch.randperm(num_points, generator=generator, device="cpu").to(device) for _ in range(self.num_orderings)]
         draws_generator = torch.Generator(device=device)
         draws_generator.manual_seed(int(torch.randint(2**62, (), generator=generator, device="cpu")))
+        with torch.random.fork_rng(devices=[]):  # the prior draw plug-in training starts from follows the seed
+            torch.manual_seed(int(torch.randint(2**62, (), generator=generator, device="cpu")))
+            density = PyroDensity(model, args, kwargs)
 
         scores, variances, finals, losses = [], [], [], []
         for order in tqdm(orderings, disable=not self.progress, desc="training speed"):
@@ -239,7 +243,12 @@ class TrainingSpeed:
     def _one_pass(self, density: PyroDensity, args: tuple, kwargs: dict, order: torch.Tensor, draws_generator: torch.Generator):
         """One ordering: returns (Tensor[num_batches] scores, Tensor[num_batches] their Monte-Carlo
         variances, final unconstrained latents, Tensor[steps] training losses)."""
-        params = {n: torch.zeros_like(v) for n, v in density.unconstrain({}).items()}
+        if self.predictive is Predictive.PLUG_IN:
+            # A draw from the prior (the program's first trace), as networks are trained from a random
+            # start: at the origin a network's hidden layers sit at a saddle (all their gradients vanish).
+            params = density.unconstrain({})
+        else:
+            params = {n: torch.zeros_like(v) for n, v in density.unconstrain({}).items()}
         state = self.adam.init(params)
         flat = _Flattener(params)
 

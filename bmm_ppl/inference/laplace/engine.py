@@ -564,7 +564,7 @@ class _Problem:
         for factors in cache["weights"]:
             index = self.site_index[factors.site]
             delta = prior[index]
-            if float(delta.max() - delta.min()) > 1e-10 * float(delta.max()):
+            if float((delta.max() - delta.min()).detach()) > 1e-10 * float(delta.max().detach()):
                 raise UnsupportedModelError(
                     f"hessian='kron' needs one prior precision per weight matrix, but site {factors.site!r} has a "
                     "prior scale that varies within it: give it one scale, or use hessian='full' or 'diag'"
