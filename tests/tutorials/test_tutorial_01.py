@@ -1,20 +1,9 @@
 """Tutorial 01 runs end to end (small settings) and shows what it claims."""
 
-import importlib.util
-import pathlib
-
-TUTORIAL = pathlib.Path(__file__).parents[2] / "tutorials" / "01_polynomial_degree_selection.py"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("tutorial_01", TUTORIAL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from tests.tutorials import load_tutorial
 
 def test_tutorial_01(tmp_path):
-    results = load().main(tmp_path, quick=True)
+    results = load_tutorial("01_polynomial_degree_selection.py").main(tmp_path, quick=True)
     assert "alpha -> +inf" in results["boundary_message"]
     # Noise sd 0.3 estimated from 100 points by type-II: within 15% (sd of the estimate ~ 7%).
     assert abs(results["type2_beta"] ** -0.5 / 0.3 - 1) < 0.15

@@ -1,26 +1,18 @@
 """Tutorial 02 runs end to end with tiny settings and saves its figures."""
 
-import importlib.util
 import math
 import pathlib
 
 import torch
 
-TUTORIAL = pathlib.Path(__file__).resolve().parents[2] / "tutorials" / "02_bnn_type2.py"
-
-
-def load_tutorial():
-    spec = importlib.util.spec_from_file_location("tutorial_02_bnn_type2", TUTORIAL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.tutorials import load_tutorial
 
 
 def test_tutorial_02_quick(tmp_path):
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        results = load_tutorial().main(tmp_path, quick=True)
+        results = load_tutorial("02_bnn_type2.py").main(tmp_path, quick=True)
     finally:
         torch.set_num_threads(previous)
     for figure in results["figures"]:

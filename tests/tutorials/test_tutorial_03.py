@@ -1,21 +1,12 @@
 """Runs tutorial 03 (sampling engines) with quick settings."""
 
-import importlib.util
 import math
-import pathlib
 
-TUTORIAL = pathlib.Path(__file__).resolve().parents[2] / "tutorials" / "03_sampling_engines.py"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("tutorial_03", TUTORIAL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.tutorials import load_tutorial
 
 
 def test_tutorial_03_quick(tmp_path):
-    results = load().main(tmp_path, quick=True)
+    results = load_tutorial("03_sampling_engines.py").main(tmp_path, quick=True)
     assert results["figures"] == ["nuts_trace.png", "uncertainty.png"]
     assert all((tmp_path / name).stat().st_size > 0 for name in results["figures"])
     assert (tmp_path / "nuts_summary.csv").exists()

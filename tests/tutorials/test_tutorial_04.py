@@ -1,23 +1,15 @@
 """Tutorial 04 runs end to end in quick mode, saves its figures and measures sensible numbers."""
 
-import importlib.util
 import pathlib
 
 import pytest
 
-TUTORIAL = pathlib.Path(__file__).resolve().parents[2] / "tutorials" / "04_state_space.py"
-
-
-def load_tutorial():
-    spec = importlib.util.spec_from_file_location("tutorial_04_state_space", TUTORIAL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.tutorials import load_tutorial
 
 
 def test_tutorial_04_quick(tmp_path):
     pytest.importorskip("statsmodels")
-    results = load_tutorial().main(tmp_path, quick=True)
+    results = load_tutorial("04_state_space.py").main(tmp_path, quick=True)
     for key in ("nile_figure", "hmm_figure", "pendulum_figure"):
         assert pathlib.Path(results[key]).exists() and pathlib.Path(results[key]).stat().st_size > 0
     # The Nile MLE (known initialisation, see the tests of the Kalman engine) is about 15100 and 1460.

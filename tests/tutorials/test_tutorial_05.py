@@ -1,26 +1,18 @@
 """Tutorial 05 (distillation on digits) runs end to end; the slow variant checks the issue's claims."""
 
-import importlib.util
 import pathlib
 
 import pytest
 import torch
 
-TUTORIAL = pathlib.Path(__file__).resolve().parents[2] / "tutorials" / "05_distillation.py"
-
-
-def load_tutorial():
-    spec = importlib.util.spec_from_file_location("tutorial_05_distillation", TUTORIAL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.tutorials import load_tutorial
 
 
 def run(tmp_path, quick):
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        results = load_tutorial().main(tmp_path, quick=quick)
+        results = load_tutorial("05_distillation.py").main(tmp_path, quick=quick)
     finally:
         torch.set_num_threads(previous)
     for figure in results["figures"]:

@@ -1,21 +1,13 @@
 """Tutorial 06 (learned rotation invariance on digits) runs in quick mode and its numbers make sense."""
 
-import importlib.util
 import math
 from pathlib import Path
 
-TUTORIAL = Path(__file__).resolve().parents[2] / "tutorials" / "06_learned_invariances.py"
-
-
-def load_tutorial():
-    spec = importlib.util.spec_from_file_location("tutorial_06", TUTORIAL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.tutorials import load_tutorial
 
 
 def test_tutorial_06_quick(tmp_path):
-    output = load_tutorial().main(tmp_path, quick=True)
+    output = load_tutorial("06_learned_invariances.py").main(tmp_path, quick=True)
     for figure in output["figures"]:
         assert Path(figure).exists() and Path(figure).stat().st_size > 0
     results = output["results"]

@@ -1,20 +1,9 @@
 """Tutorial 07 runs end to end (small settings) and shows what it claims."""
 
-import importlib.util
-import pathlib
-
-TUTORIAL = pathlib.Path(__file__).parents[2] / "tutorials" / "07_multitask_structure.py"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("tutorial_07", TUTORIAL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from tests.tutorials import load_tutorial
 
 def test_tutorial_07(tmp_path):
-    results = load().main(tmp_path, quick=True)
+    results = load_tutorial("07_multitask_structure.py").main(tmp_path, quick=True)
     assert results["synthetic_best"] == "related"
     assert results["relation_agreement"] > 0.8
     curves = results["curves"]

@@ -1,21 +1,12 @@
 """Tutorial 08 runs end to end (small settings) and shows what it claims."""
 
-import importlib.util
 import math
-import pathlib
 
-TUTORIAL = pathlib.Path(__file__).parents[2] / "tutorials" / "08_hyperparameter_optimisation.py"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("tutorial_08", TUTORIAL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.tutorials import load_tutorial
 
 
 def test_tutorial_08(tmp_path):
-    results = load().main(tmp_path, quick=True)
+    results = load_tutorial("08_hyperparameter_optimisation.py").main(tmp_path, quick=True)
     digits, ridge = results["digits"], results["ridge"]
     assert digits["num_hyperparameters"] >= 10_000
     assert digits["random_search_cost"] <= digits["budget_gradient_evaluations"]

@@ -1,25 +1,17 @@
 """Tutorial 09 (architecture selection by the Laplace evidence on digits) runs in quick mode, and its
 numbers are what they claim to be."""
 
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 
-TUTORIAL = Path(__file__).resolve().parents[2] / "tutorials" / "09_laplace_architecture_selection.py"
-
-
-def load_tutorial():
-    spec = importlib.util.spec_from_file_location("tutorial_09", TUTORIAL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.tutorials import load_tutorial
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_tutorial_09_quick(tmp_path):
-    tutorial = load_tutorial()
+    tutorial = load_tutorial("09_laplace_architecture_selection.py")
     output = tutorial.main(tmp_path, quick=True)
     for figure in output["figures"]:
         assert Path(figure).exists() and Path(figure).stat().st_size > 0

@@ -499,6 +499,7 @@ class _Problem:
         rest_index = torch.cat([self.site_index[name] for name in rest]) if rest else None
         rest_jacobian = None if rest_index is None else self._output_jacobian(output_of, theta, rest_index, n).detach()
         if self.structure is HessianStructure.KRON:
+            self._check_one_prior_precision_per_weight([r.site for r in records.values() if not r.is_bias], hyper)
             return {"output": value, "rest_index": rest_index, "rest_jacobian": rest_jacobian,
                     "weights": [kfac.kronecker_factors(r, self.approximation) for r in records.values() if not r.is_bias],
                     "biases": [(r.site, kfac.bias_gradients(r)) for r in records.values() if r.is_bias]}
@@ -507,6 +508,18 @@ class _Problem:
         for name in self.approximated_sites:
             parts.append(records[name].per_point_jacobian() if name in records else next(rest_columns))
         return {"output": value, "jacobian": torch.cat(parts, dim=-1)}
+
+    def _check_one_prior_precision_per_weight(self, sites: list[str], hyper: dict) -> None:
+        """Refuses, by name, a KFAC weight whose prior scale varies within it (its block's ``delta I``)."""
+        with torch.no_grad():
+            prior = self.prior_precision(hyper)
+        for site in sites:
+            delta = prior[self.site_index[site]]
+            if float(delta.max() - delta.min()) > 1e-10 * float(delta.max()):
+                raise UnsupportedModelError(
+                    f"hessian='kron' needs one prior precision per weight matrix, but site {site!r} has a "
+                    "prior scale that varies within it: give it one scale, or use hessian='full' or 'diag'"
+                )
 
     def _layer_records(self, output_of, theta: torch.Tensor, hyper: dict, n: int, num_outputs: int):
         fixed = {name: v.detach() for name, v in hyper.items()}
@@ -563,15 +576,9 @@ class _Problem:
         kronecker = []
         for factors in cache["weights"]:
             index = self.site_index[factors.site]
-            delta = prior[index]
-            if float((delta.max() - delta.min()).detach()) > 1e-10 * float(delta.max().detach()):
-                raise UnsupportedModelError(
-                    f"hessian='kron' needs one prior precision per weight matrix, but site {factors.site!r} has a "
-                    "prior scale that varies within it: give it one scale, or use hessian='full' or 'diag'"
-                )
             layer = kfac.gauss_newton_factor(factors.output_gradients, factors.point, blocks)
             left, right = (factors.activations, layer) if factors.transposed else (layer, factors.activations)
-            kronecker.append(KroneckerFactors.of(index, left, right, delta[0]))
+            kronecker.append(KroneckerFactors.of(index, left, right, prior[index[0]]))  # one per site: checked in the cache
         dense = []
         for site, gradients in cache["biases"]:
             index = self.site_index[site]
