@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow docs docs-tutorials clean
 
 install: $(VENV)/.installed
 
@@ -19,5 +19,13 @@ test: install
 test-slow: install
 	$(PY) -m pytest -m slow
 
+# The documentation site, offline, into site/ (broken links and missing references fail the build).
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# Re-run the tutorials (small settings) and save their output and figures for the site.
+docs-tutorials: install
+	$(PY) docs/hooks/tutorial_pages.py
+
 clean:
-	rm -rf $(VENV) bmm_demo_output build *.egg-info
+	rm -rf $(VENV) bmm_demo_output build site *.egg-info

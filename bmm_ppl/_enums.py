@@ -8,7 +8,7 @@ import enum
 class StrEnum(str, enum.Enum):
     """A string enum whose ``parse`` names every valid choice when given a wrong one.
 
-    Example:
+    Examples:
         >>> class Colour(StrEnum):
         ...     RED = "red"
         >>> Colour.parse("red") is Colour.RED

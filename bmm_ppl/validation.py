@@ -10,7 +10,7 @@ from bmm_ppl.capture_state import is_capturing
 def check_tensor(name: str, value, *, dim: tuple[int, ...] | int | None = None, finite: bool = True) -> torch.Tensor:
     """Returns ``value`` as a tensor after checking its rank and that it holds no NaN or infinity.
 
-    Example:
+    Examples:
         >>> check_tensor("x", torch.ones(3), dim=(1, 2)).shape
         torch.Size([3])
     """
@@ -64,7 +64,7 @@ def check_positive(name: str, value) -> None:
 def check_nonempty(name: str, value: torch.Tensor) -> torch.Tensor:
     """Raises unless ``value`` has at least one row (its first dimension is not zero).
 
-    Example:
+    Examples:
         >>> check_nonempty("x", torch.ones(2, 0)).shape
         torch.Size([2, 0])
     """
@@ -77,7 +77,7 @@ def check_same_float_dtype(**tensors: torch.Tensor) -> torch.dtype | None:
     """Checks that every floating-point tensor given has one dtype and returns it (``None`` when none is
     floating). Integer and boolean tensors (labels, indices, counts, masks) are not compared.
 
-    Example:
+    Examples:
         >>> check_same_float_dtype(x=torch.ones(2, dtype=torch.float64), task=torch.zeros(2, dtype=torch.long))
         torch.float64
     """
@@ -98,7 +98,7 @@ def as_real_valued(name: str, value: torch.Tensor, dtype: torch.dtype | None = N
     For the real-valued arguments of regression models (inputs, targets): computing with them in an
     integer dtype would truncate every number derived from them (a noise precision 1.9 would become 1).
 
-    Example:
+    Examples:
         >>> as_real_valued("x", torch.arange(3), torch.float64)
         tensor([0., 1., 2.], dtype=torch.float64)
     """
@@ -135,7 +135,7 @@ def prepare_data(args: tuple, kwargs: dict, device=None, model=None) -> tuple[tu
     Integer and boolean tensors pass unchanged: they may be labels, task indices, counts or masks. A model
     whose arguments are real-valued converts them itself (see :func:`as_real_valued`).
 
-    Example:
+    Examples:
         >>> args, kwargs = prepare_data((torch.ones(3), 2), {"y": torch.zeros(3)})
         >>> args[1], kwargs["y"].shape
         (2, torch.Size([3]))

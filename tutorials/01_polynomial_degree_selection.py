@@ -15,14 +15,14 @@ Steps:
    prior — and the engine says so instead of returning a meaningless optimum. With 100 points the
    optimum is interior (``type2_evidence_surface.png``).
 
-Run: ``python tutorials/01_polynomial_degree_selection.py [out_dir]``.
+Run: ``python tutorials/01_polynomial_degree_selection.py [out_dir] [--quick]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import pathlib
-import sys
 
 import torch
 
@@ -80,4 +80,8 @@ def main(out_dir="tutorial_output/01", quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "tutorial_output/01")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", nargs="?", default="tutorial_output/01", help="folder for the figures")
+    parser.add_argument("--quick", action="store_true", help="small settings (what the tests and the docs run)")
+    options = parser.parse_args()
+    main(options.out_dir, quick=options.quick)

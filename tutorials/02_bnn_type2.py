@@ -15,10 +15,10 @@ Run: ``python tutorials/02_bnn_type2.py [out_dir] [--quick]``.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import pathlib
-import sys
 import warnings
 
 import matplotlib
@@ -171,13 +171,12 @@ def main(out_dir, quick: bool = False) -> dict:
     for message in results["svi_not_converged"]:
         print(f"quick mode, SVI not converged (expected at 150-200 steps; the ELBOs are not final): {message}")
     results["figures"] = [results["one_d"]["figure"], results["diabetes"]["figure"]]
+    report(results)
     return results
 
 
-if __name__ == "__main__":
-    torch.set_num_threads(1)
-    arguments = [a for a in sys.argv[1:] if not a.startswith("--")]
-    measured = main(arguments[0] if arguments else "tutorial_02_output", quick="--quick" in sys.argv)
+def report(measured: dict) -> None:
+    """Prints what the run measured."""
     for guide in ("normal", "mvn"):
         r = measured["one_d"][guide]
         print(
@@ -189,3 +188,11 @@ if __name__ == "__main__":
             f"diabetes {row['width']:4d} x {row['depth']}: ELBO {row['elbo']:9.2f} ± {row['elbo_stderr']:.2f}  "
             f"held-out {row['heldout']:6.3f}  noise {row['hyperparameters']['noise']:.3f}"
         )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", nargs="?", default="tutorial_output/02", help="folder for the figures")
+    parser.add_argument("--quick", action="store_true", help="small settings (what the tests and the docs run)")
+    options = parser.parse_args()
+    main(options.out_dir, quick=options.quick)

@@ -199,13 +199,19 @@ def main(out_dir, quick: bool = False) -> dict:
     results["epistemic_inside"] = float(parts["epistemic"][inside].mean())
     results["epistemic_far"] = float(parts["epistemic"][t.abs() >= 7].mean())
     results["figures"] = sorted(p.name for p in out.glob("*.png"))
+    report(results)
     return results
+
+
+def report(measured: dict) -> None:
+    """Prints what the run measured."""
+    for key, value in measured.items():
+        print(f"{key}: {value}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", nargs="?", default="tutorial_03_output")
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("out_dir", nargs="?", default="tutorial_output/03", help="folder for the figures")
+    parser.add_argument("--quick", action="store_true", help="small settings (what the tests and the docs run)")
     options = parser.parse_args()
-    for key, value in main(options.out_dir, options.quick).items():
-        print(f"{key}: {value}")
+    main(options.out_dir, quick=options.quick)

@@ -6,14 +6,14 @@
 3. A two-regime hidden Markov model: forward-backward posteriors and the Viterbi path.
 4. Tracking a pendulum from noisy sin(angle) readings with the extended and unscented Kalman filters.
 
-Run as a script (``python tutorials/04_state_space.py [out_dir]``) or call ``main(out_dir, quick=True)``.
+Run as a script (``python tutorials/04_state_space.py [out_dir] [--quick]``) or call ``main(out_dir, quick=True)``.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import pathlib
-import sys
 import warnings
 
 import matplotlib
@@ -185,10 +185,19 @@ def main(out_dir, quick: bool = False) -> dict:
     results.update(nile_section(out_dir, quick))
     results.update(hmm_section(out_dir, quick))
     results.update(pendulum_section(out_dir, quick))
+    report(results)
     return results
 
 
-if __name__ == "__main__":
-    measured = main(sys.argv[1] if len(sys.argv) > 1 else "tutorial_04_output")
+def report(measured: dict) -> None:
+    """Prints what the run measured."""
     for key, value in measured.items():
         print(f"{key:>40}: {value:.6g}" if isinstance(value, float) and math.isfinite(value) else f"{key:>40}: {value}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", nargs="?", default="tutorial_output/04", help="folder for the figures")
+    parser.add_argument("--quick", action="store_true", help="small settings (what the tests and the docs run)")
+    options = parser.parse_args()
+    main(options.out_dir, quick=options.quick)

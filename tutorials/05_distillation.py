@@ -12,13 +12,13 @@ Bayesian predictions average S networks, so they are S times slower than one net
 4. compare test NLL, accuracy, predictive entropy and calibration (reliability diagram) of the
    teacher, the students and an SGD-trained network of the student's size, and measure the speed-up.
 
-Run ``python tutorials/05_distillation.py [out_dir] [--quick]``.
+Run: ``python tutorials/05_distillation.py [out_dir] [--quick]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import pathlib
-import sys
 import time
 
 import matplotlib
@@ -30,7 +30,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 
 from bmm_ppl.distillation.dark_knowledge import BayesianDarkKnowledge  # noqa: E402
 from bmm_ppl.distillation.data_free import record_activation_statistics, synthesize_inputs  # noqa: E402
-from bmm_ppl.distillation.distill import distill  # noqa: E402
+from bmm_ppl.distillation.student import distill  # noqa: E402
 
 HIDDEN = 100
 
@@ -220,7 +220,7 @@ def main(out_dir, quick: bool = False, seed: int = 0) -> dict:
     fig.savefig(figures[-1], dpi=100)
     plt.close(fig)
 
-    return {
+    results = {
         "figures": [str(f) for f in figures],
         "table": table,
         "data_free": data_free_table,
@@ -233,11 +233,12 @@ def main(out_dir, quick: bool = False, seed: int = 0) -> dict:
         "num_steps": num_steps,
         "activation_layers": list(statistics.layers),
     }
+    report(results)
+    return results
 
 
-if __name__ == "__main__":
-    arguments = [a for a in sys.argv[1:] if not a.startswith("--")]
-    results = main(arguments[0] if arguments else "tutorial_05_output", quick="--quick" in sys.argv)
+def report(results: dict) -> None:
+    """Prints what the run measured."""
     for name, row in results["table"].items():
         print(f"{name:28s} NLL {row['nll']:.4f}  accuracy {row['accuracy']:.4f}  ECE {row['ece']:.4f}")
     for name, value in results["data_free"].items():
@@ -249,3 +250,11 @@ if __name__ == "__main__":
         f"ensemble -> student: {d['epochs_run']} epochs, converged={d['converged']} (held-out KL {d['best_loss']:.4f} "
         f"at epoch {d['best_epoch']})" + ("" if d["converged"] else " -- quick mode's fixed schedule, not converged")
     )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", nargs="?", default="tutorial_output/05", help="folder for the figures")
+    parser.add_argument("--quick", action="store_true", help="small settings (what the tests and the docs run)")
+    options = parser.parse_args()
+    main(options.out_dir, quick=options.quick)

@@ -16,13 +16,13 @@ We compare three models, each fitted by type-II maximum evidence:
 * learned invariance (rotation range ``θ`` learned from 0.3 rad),
 * full invariance (``θ = π`` fixed: every rotation is equivalent, so a 6 and a 9 look alike).
 
-Run: ``python tutorials/06_learned_invariances.py [out_dir]``.
+Run: ``python tutorials/06_learned_invariances.py [out_dir] [--quick]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -126,12 +126,22 @@ def main(out_dir, quick: bool = False) -> dict:
     plt.close(fig)
 
     figures = [str(out_dir / "learned_angle_distribution.png"), str(out_dir / "evidence_and_accuracy.png")]
-    return {"true_range": TRUE_RANGE, "learned_range": learned, "results": results, "figures": figures,
-            "num_train": num_train, "num_test": num_test}
+    output = {"true_range": TRUE_RANGE, "learned_range": learned, "results": results, "figures": figures,
+              "num_train": num_train, "num_test": num_test}
+    report(output)
+    return output
 
 
-if __name__ == "__main__":
-    output = main(sys.argv[1] if len(sys.argv) > 1 else "tutorial_06_output", quick="--quick" in sys.argv)
+def report(output: dict) -> None:
+    """Prints what the run measured."""
     print(f"true range {math.degrees(output['true_range']):.1f}°, learned {math.degrees(output['learned_range']):.1f}°")
     for name, row in output["results"].items():
         print(f"{name:8s} log evidence {row['log_evidence']:10.2f}  accuracy {row['accuracy']:.3f}  ({row['seconds']:.1f} s)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", nargs="?", default="tutorial_output/06", help="folder for the figures")
+    parser.add_argument("--quick", action="store_true", help="small settings (what the tests and the docs run)")
+    options = parser.parse_args()
+    main(options.out_dir, quick=options.quick)

@@ -27,14 +27,14 @@ Here the answer is a prior over the task weight matrix whose hyperparameters the
    rough BIC-style charge of ``½ log n`` per hyperparameter, printed beside it, restores the test-error
    order.
 
-Run: ``python tutorials/07_multitask_structure.py [out_dir]``.
+Run: ``python tutorials/07_multitask_structure.py [out_dir] [--quick]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import pathlib
-import sys
 import warnings
 
 import torch
@@ -299,4 +299,8 @@ def main(out_dir="tutorial_output/07", quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "tutorial_output/07")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", nargs="?", default="tutorial_output/07", help="folder for the figures")
+    parser.add_argument("--quick", action="store_true", help="small settings (what the tests and the docs run)")
+    options = parser.parse_args()
+    main(options.out_dir, quick=options.quick)

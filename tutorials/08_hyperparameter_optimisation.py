@@ -19,14 +19,14 @@ Three experiments with one API (``bmm_ppl.selection.bilevel``):
 3. **Type-II versus hypergradient selection side by side**: both trajectories of the prior precision,
    drawn on the evidence and validation-NLL curves.
 
-Run: ``python tutorials/08_hyperparameter_optimisation.py [out_dir]``.
+Run: ``python tutorials/08_hyperparameter_optimisation.py [out_dir] [--quick]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import pathlib
-import sys
 import time
 
 import torch
@@ -345,4 +345,8 @@ def main(out_dir="tutorial_08_output", quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "tutorial_08_output")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", nargs="?", default="tutorial_output/08", help="folder for the figures")
+    parser.add_argument("--quick", action="store_true", help="small settings (what the tests and the docs run)")
+    options = parser.parse_args()
+    main(options.out_dir, quick=options.quick)

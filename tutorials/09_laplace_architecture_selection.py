@@ -30,13 +30,13 @@ of ``fit_network(..., prior_precision=None)``: the first layer's prior scale fel
 layer's rose to 195, still moving): a tanh network whose first layer shrinks works in its linear regime,
 and there the evidence prefers the linear map, which the product of the two scales keeps.
 
-Run: ``python tutorials/09_laplace_architecture_selection.py [out_dir]``.
+Run: ``python tutorials/09_laplace_architecture_selection.py [out_dir] [--quick]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import pathlib
-import sys
 import time
 import warnings
 
@@ -173,4 +173,8 @@ def main(out_dir="tutorial_09_output", quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "tutorial_09_output")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", nargs="?", default="tutorial_output/09", help="folder for the figures")
+    parser.add_argument("--quick", action="store_true", help="small settings (what the tests and the docs run)")
+    options = parser.parse_args()
+    main(options.out_dir, quick=options.quick)

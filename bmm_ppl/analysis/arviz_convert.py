@@ -50,7 +50,7 @@ def from_groups(groups: dict[str, dict[str, np.ndarray]], dims: dict | None = No
     not. ``dims`` (``{variable: [dim, ...]}``) hold for the variable in every group; in
     ``log_likelihood`` only its leading dims are used (ArviZ's convention for pointwise values).
 
-    Example:
+    Examples:
         >>> data = from_groups({"posterior": {"mu": np.zeros((2, 10))}})
         >>> list(data.posterior.data_vars)
         ['mu']
@@ -78,7 +78,7 @@ def arviz_sample_stats(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     Returns:
         ``{arviz_name: Tensor[chain, draw]}``.
 
-    Example:
+    Examples:
         >>> stats = {"accept_prob": torch.ones(1, 3), "potential_energy": torch.full((1, 3), 2.0)}
         >>> {k: v.tolist() for k, v in arviz_sample_stats(stats).items()}
         {'acceptance_rate': [[1.0, 1.0, 1.0]], 'lp': [[-2.0, -2.0, -2.0]]}
@@ -153,7 +153,7 @@ def model_layout(
     Returns:
         a :class:`ModelLayout`.
 
-    Example:
+    Examples:
         >>> import pyro.distributions as dist
         >>> def model(x, y=None):
         ...     w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
@@ -315,7 +315,7 @@ def to_arviz(
     Returns:
         an ``arviz.InferenceData`` (ArviZ 0.2x) or ``xarray.DataTree`` (ArviZ 1.x).
 
-    Example:
+    Examples:
         >>> import torch, bmm_ppl as bmm
         >>> from bmm_ppl.models import BayesianLinearRegression, polynomial_features
         >>> x = torch.linspace(0, 1, 10, dtype=torch.float64); y = torch.sin(6 * x)

@@ -28,7 +28,7 @@ def summary(posterior, var_names: list[str] | None = None, num_samples: int = 10
     Returns:
         a ``pandas.DataFrame`` indexed by ``site[index]``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from bmm_ppl.inference import Posterior
         >>> post = Posterior(None, draws={"w": torch.randn(4, 200, 2, generator=torch.Generator().manual_seed(0))})

@@ -56,7 +56,8 @@ def plot_predictive_band(posterior, x: torch.Tensor, site: str = "obs", num_samp
     Args:
         posterior: a fitted posterior of a model called as ``model(x)``.
         x: Tensor[m] inputs (sorted for a readable band).
-        x_observed, y_observed: the data to overlay as points.
+        x_observed: the inputs of the data to overlay as points.
+        y_observed: the targets of the data to overlay as points.
 
     Returns:
         the ``Figure``.

@@ -46,7 +46,7 @@ def loo_pit(data, var_name: str | None = None):
         an ``xarray.DataArray`` of PIT values in [0, 1] with the dims and coords of
         ``observed_data[var_name]``.
 
-    Example:
+    Examples:
         >>> import torch, bmm_ppl as bmm
         >>> from bmm_ppl.models import BayesianLinearRegression, polynomial_features
         >>> x = torch.linspace(0, 1, 20, dtype=torch.float64); y = 1 + x + 0.1 * torch.sin(40 * x)

@@ -26,7 +26,7 @@ def decompose_classification(probs: torch.Tensor) -> dict[str, torch.Tensor]:
     Returns:
         ``{"total", "aleatoric", "epistemic"}``, each Tensor[n] in nats; ``total = aleatoric + epistemic``.
 
-    Example:
+    Examples:
         >>> p = torch.tensor([[0.9, 0.5], [0.1, 0.5]])  # two members disagree on point 0, agree on point 1
         >>> {k: [round(v, 3) for v in t.tolist()] for k, t in decompose_classification(p).items()}
         {'total': [0.693, 0.693], 'aleatoric': [0.325, 0.693], 'epistemic': [0.368, 0.0]}
@@ -50,7 +50,7 @@ def decompose_regression(means: torch.Tensor, variances: torch.Tensor) -> dict[s
     Returns:
         ``{"total", "aleatoric", "epistemic"}``, each Tensor[n]; ``total = aleatoric + epistemic``.
 
-    Example:
+    Examples:
         >>> d = decompose_regression(torch.tensor([[0.0], [2.0]]), torch.tensor([[1.0], [1.0]]))
         >>> d["aleatoric"].item(), d["epistemic"].item(), d["total"].item()
         (1.0, 1.0, 2.0)

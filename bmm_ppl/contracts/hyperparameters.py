@@ -47,7 +47,7 @@ def as_hyperparameter(name: str, spec, positive: bool = True) -> HyperparameterS
     """Resolves a builder argument: number -> :class:`Fixed`, ``None`` -> :class:`Learned`,
     distribution -> :class:`Hyperprior`; an already resolved spec passes through.
 
-    Example:
+    Examples:
         >>> as_hyperparameter("alpha", 5e-3)
         Fixed(value=0.005)
         >>> as_hyperparameter("beta", None)
@@ -81,7 +81,7 @@ def hyperparameter_site(name: str, spec: HyperparameterSpec, like: torch.Tensor,
     hyperparameter is real-valued: where ``like`` is an integer tensor (integer data) it takes the default
     float dtype instead, so that ``beta=1.9`` is never truncated to 1.
 
-    Example:
+    Examples:
         >>> hyperparameter_site("beta", Fixed(1.9), like=torch.arange(3))
         tensor(1.9000)
     """

@@ -22,8 +22,10 @@ class IsotropicRegressionForm:
     Attributes:
         design: Tensor[n, d], the features of the inputs.
         targets: Tensor[n], the observations.
-        alpha, beta: the prior and noise precisions as resolved hyperparameter specs.
-        weight_site, obs_site: the names of the weight and observation sites in the Pyro program.
+        alpha: the prior precision as a resolved hyperparameter spec.
+        beta: the noise precision as a resolved hyperparameter spec.
+        weight_site: the name of the weight site in the Pyro program.
+        obs_site: the name of the observation site in the Pyro program.
     """
 
     design: torch.Tensor
@@ -39,8 +41,12 @@ class GaussianPriorRegressionForm:
     """``theta ~ N(prior_mean, prior_covariance)``, ``y ~ N(design @ theta, diag(noise_variance))``.
 
     Attributes:
-        design: Tensor[n, P]; targets: Tensor[n]; prior_mean: Tensor[P]; prior_covariance: Tensor[P, P];
-        noise_variance: Tensor[n]; weight_site: the latent site holding ``theta`` (flattened).
+        design: Tensor[n, P].
+        targets: Tensor[n].
+        prior_mean: Tensor[P].
+        prior_covariance: Tensor[P, P].
+        noise_variance: Tensor[n].
+        weight_site: the latent site holding ``theta`` (flattened).
     """
 
     design: torch.Tensor

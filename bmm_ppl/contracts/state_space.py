@@ -64,8 +64,10 @@ def masked_observation(
     """Applies the missing-data convention to one or all time steps.
 
     Args:
-        y: Tensor[..., p] with NaN where missing; observation_matrix: Tensor[..., p, n];
-        observation_cov: Tensor[..., p, p]; offset: ``None`` or Tensor[..., p].
+        y: Tensor[..., p] with NaN where missing.
+        observation_matrix: Tensor[..., p, n].
+        observation_cov: Tensor[..., p, p].
+        offset: ``None`` or Tensor[..., p].
 
     Returns:
         ``(residual_base, H, R, num_observed)``: ``y - d`` with zeros where missing, the masked ``H`` and
@@ -111,7 +113,8 @@ class StateSpaceForm:
         observations: Tensor[*batch, T, p], NaN where missing.
         specs: ``{argument: spec}`` for each argument of :class:`LinearGaussianSSM`.
         transition_noise_loading: Tensor[n, k], so that the state noise covariance is ``L Q L^T``.
-        states_site, obs_site: the names of the trajectory and observation sites.
+        states_site: the name of the trajectory site.
+        obs_site: the name of the observation site.
     """
 
     params: LinearGaussianParams

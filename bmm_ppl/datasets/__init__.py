@@ -17,7 +17,7 @@ def load_sinusoidal(split: str = "train", dtype: torch.dtype = torch.float64, de
     Returns:
         ``(x, t)``: two Tensor[n].
 
-    Example:
+    Examples:
         >>> x, t = load_sinusoidal()
         >>> x.shape, t.shape
         (torch.Size([10]), torch.Size([10]))

@@ -8,7 +8,7 @@ from bmm_ppl.distillation.data_free import (
     statistics_of,
     synthesize_inputs,
 )
-from bmm_ppl.distillation.distill import DistillationResult, GaussianPerturbation, agreement, distill
+from bmm_ppl.distillation.student import DistillationResult, GaussianPerturbation, agreement, distill
 from bmm_ppl.distillation.losses import (
     gaussian_distillation_loss,
     hinton_loss,

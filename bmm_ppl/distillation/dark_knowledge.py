@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from bmm_ppl.distillation.distill import GaussianPerturbation, check_student_output
+from bmm_ppl.distillation.student import GaussianPerturbation, check_student_output
 from bmm_ppl.distillation.losses import unchecked_gaussian_distillation_loss
 from bmm_ppl.distillation.teachers import Task, regression_output
 from bmm_ppl.inference.errors import DivergenceError
@@ -86,7 +86,7 @@ class BayesianDarkKnowledge:
         check_every: how often (in steps) to check that the teacher has not diverged (one sync each).
         progress: show a tqdm bar.
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0)
         >>> x = torch.randn(64, 2); y = (x[:, 0] > 0).long()
         >>> bdk = BayesianDarkKnowledge(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), num_steps=50, burn_in=10, progress=False)

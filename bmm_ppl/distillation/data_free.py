@@ -127,7 +127,7 @@ def record_activation_statistics(
     Returns:
         :class:`ActivationStatistics`.
 
-    Example:
+    Examples:
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
         >>> stats = record_activation_statistics(net, torch.randn(100, 3))
         >>> sorted(stats.layers), stats.layers["0"]["covariance"].shape
@@ -247,7 +247,7 @@ def synthesize_inputs(
     Returns:
         Tensor[num_inputs, *input_shape].
 
-    Example:
+    Examples:
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
         >>> _ = record_activation_statistics(net, torch.randn(100, 3))
         >>> synthesize_inputs(net, num_inputs=10, steps=5, progress=False).shape

@@ -37,7 +37,7 @@ def tempered_probabilities(logits: torch.Tensor | None = None, *, probs: torch.T
     Returns:
         Tensor[n, K] of probabilities.
 
-    Example:
+    Examples:
         >>> tempered_probabilities(probs=torch.tensor([[0.5, 0.5]]), temperature=3.0)
         tensor([[0.5000, 0.5000]])
     """
@@ -74,7 +74,7 @@ def hinton_loss(
     Returns:
         scalar Tensor, the batch mean.
 
-    Example:
+    Examples:
         >>> s = torch.tensor([[2.0, 0.0]]); t = torch.tensor([[2.0, 0.0]])
         >>> round(float(hinton_loss(s, t, temperature=4.0)), 6)
         0.0
@@ -121,7 +121,7 @@ def mixture_moments(means: torch.Tensor, variances: torch.Tensor | None = None) 
     Returns:
         ``(mean, variance)``, each Tensor[n]: ``E[μ_s]`` and ``E[σ²_s] + Var[μ_s]`` (population variance).
 
-    Example:
+    Examples:
         >>> mixture_moments(torch.tensor([[0.0], [2.0]]), torch.tensor([[1.0], [1.0]]))
         (tensor([1.]), tensor([2.]))
     """
@@ -150,14 +150,16 @@ def gaussian_distillation_loss(
     gradients for the student, but zero at a perfect match (needs σ²_t > 0).
 
     Args:
-        student_mean, student_log_variance: Tensor[n].
-        teacher_mean, teacher_variance: Tensor[n].
+        student_mean: Tensor[n], the student's predictive mean.
+        student_log_variance: Tensor[n], the log of the student's predictive variance.
+        teacher_mean: Tensor[n], the teacher's predictive mean.
+        teacher_variance: Tensor[n], the teacher's predictive variance.
         kind: ``"nll"`` or ``"kl"``.
 
     Returns:
         scalar Tensor, the batch mean.
 
-    Example:
+    Examples:
         >>> z = torch.zeros(3)
         >>> float(gaussian_distillation_loss(z, z, z, torch.ones(3), kind="kl"))
         0.0

@@ -44,7 +44,8 @@ class TeacherPrediction:
     Attributes:
         probs: Tensor[n, K] class probabilities (classification).
         logits: Tensor[n, K] logits where the teacher has a single set (one module), else ``None``.
-        mean, variance: Tensor[n] predictive mean and variance (regression).
+        mean: Tensor[n] predictive mean (regression).
+        variance: Tensor[n] predictive variance (regression).
     """
 
     probs: torch.Tensor | None = None
@@ -203,7 +204,7 @@ def as_teacher(teacher, task: str | Task | None = None, num_samples: int = 100) 
         task: ``"classification"`` (default for modules) or ``"regression"``.
         num_samples: posterior draws per prediction, for a ``Posterior``.
 
-    Example:
+    Examples:
         >>> t = as_teacher([torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)])
         >>> t.predict(torch.zeros(4, 3)).probs.shape
         torch.Size([4, 2])

@@ -39,16 +39,17 @@ def bridge_log_evidence(
     """Meng & Wong's iterative bridge estimate of ``log ∫ q``, from log densities at both sets of draws.
 
     Args:
-        log_q_posterior, log_g_posterior: Tensor[chain, draw], the unnormalised target and the normalised
-            proposal at the posterior draws.
-        log_q_proposal, log_g_proposal: Tensor[N2] at the proposal draws.
+        log_q_posterior: Tensor[chain, draw], the unnormalised target at the posterior draws.
+        log_g_posterior: Tensor[chain, draw], the normalised proposal at the posterior draws.
+        log_q_proposal: Tensor[N2], the unnormalised target at the proposal draws.
+        log_g_proposal: Tensor[N2], the normalised proposal at the proposal draws.
         effective_posterior_size: the posterior draws' effective size for the weights ``s1, s2`` (``None``:
             the ArviZ ESS of ``log_q_posterior - log_g_posterior``).
 
     Returns:
         ``(log_evidence, stderr, iterations)``; ``stderr`` approximates the sd of the log estimate.
 
-    Example:
+    Examples:
         >>> g = torch.distributions.Normal(0.0, 1.0)
         >>> post, prop = g.sample((2, 500)).double(), g.sample((1000,)).double()
         >>> q = lambda z: g.log_prob(z) + 3.0  # normaliser e^3
@@ -98,13 +99,14 @@ def bridge_sampling(posterior, max_iterations: int = 1000, tolerance: float = 1e
     Args:
         posterior: a :class:`~bmm_ppl.inference.Posterior` with stored draws of every latent site (NUTS,
             HMC, SGLD), at least 4 per chain, and its model and data.
-        max_iterations, tolerance: of the fixed-point iteration on the log scale.
+        max_iterations: the iteration cap of the fixed-point iteration on the log scale.
+        tolerance: the convergence tolerance of that iteration (on the log scale).
         seed: seeds the proposal draws (``None``: the global generator).
 
     Returns:
         ``Evidence(value, stderr, method="bridge")``.
 
-    Example:
+    Examples:
         >>> import pyro.distributions as dist
         >>> from bmm_ppl.inference.hmc import NUTS
         >>> def model(y):

@@ -171,7 +171,7 @@ def chain_diagnostics(draws: dict[str, torch.Tensor]) -> dict:
         "min_ess_bulk": float, "min_ess_tail": float}`` (float64 tensors on the CPU; worst values over
         all sites, NaN counted as worst). Sites with fewer than 4 draws per chain get NaN.
 
-    Example:
+    Examples:
         >>> torch.manual_seed(0)
         <torch._C.Generator object at ...>
         >>> result = chain_diagnostics({"m": torch.randn(2, 500, 3)})

@@ -55,7 +55,7 @@ class Evidence:
         stderr: its Monte-Carlo standard error, ``None`` when the number is exact or deterministic.
         method: an :class:`EvidenceMethod` or its string name.
 
-    Example:
+    Examples:
         >>> Evidence(-12.5, method="exact")
         Evidence(value=-12.5, stderr=None, method='exact')
         >>> Evidence(-13.0, 0.1, "elbo").is_lower_bound

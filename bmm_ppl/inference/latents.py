@@ -16,7 +16,7 @@ def split_sites(flat: torch.Tensor, site_shapes: dict[str, tuple]) -> dict[str, 
     """``{site: Tensor[..., *shape]}`` from ``flat: Tensor[..., D]``, the sites flattened and concatenated
     in the order of ``site_shapes``.
 
-    Example:
+    Examples:
         >>> {k: v.shape for k, v in split_sites(torch.zeros(5, 7), {"a": (2,), "b": (1, 5)}).items()}
         {'a': torch.Size([5, 2]), 'b': torch.Size([5, 1, 5])}
     """
@@ -62,7 +62,7 @@ class GaussianLatents(LatentDistribution):
         scale_factor: Tensor[D, K].
         site_shapes: ``{site: shape}`` whose sizes add up to D.
 
-    Example:
+    Examples:
         >>> q = GaussianLatents(torch.zeros(2), torch.eye(2), {"w": (2,)})
         >>> q.sample(5)["w"].shape
         torch.Size([5, 2])
@@ -130,9 +130,11 @@ class DiagonalGaussianLatents(GaussianLatents):
     ``Tensor[D]`` scales (no ``D x D`` matrix is made unless :attr:`covariance_matrix` is asked for).
 
     Args:
-        loc: Tensor[D]; scale: Tensor[D]; site_shapes: ``{site: shape}`` whose sizes add up to D.
+        loc: Tensor[D].
+        scale: Tensor[D].
+        site_shapes: ``{site: shape}`` whose sizes add up to D.
 
-    Example:
+    Examples:
         >>> q = DiagonalGaussianLatents(torch.zeros(3), torch.ones(3), {"w": (3,)})
         >>> q.sample(4)["w"].shape, q.covariance_matrix.shape
         (torch.Size([4, 3]), torch.Size([3, 3]))
@@ -189,8 +191,10 @@ class KroneckerBlock(NamedTuple):
 
     Attributes:
         index: LongTensor[a * b].
-        left_vectors: Tensor[a, a]; left_values: Tensor[a].
-        right_vectors: Tensor[b, b]; right_values: Tensor[b].
+        left_vectors: Tensor[a, a].
+        left_values: Tensor[a].
+        right_vectors: Tensor[b, b].
+        right_values: Tensor[b].
         delta: Tensor[] (the prior precision, one number for the block).
     """
 
@@ -223,7 +227,8 @@ class DenseBlock(NamedTuple):
     """One dense block of a :class:`BlockGaussianLatents` covariance: ``factor @ factor.T`` over ``index``.
 
     Attributes:
-        index: LongTensor[m]; factor: Tensor[m, m].
+        index: LongTensor[m].
+        factor: Tensor[m, m].
     """
 
     index: torch.Tensor
@@ -236,10 +241,12 @@ class BlockGaussianLatents(GaussianLatents):
     the network at its mode). No ``D x D`` matrix is made unless :attr:`scale_factor` is asked for.
 
     Args:
-        loc: Tensor[D]; site_shapes: ``{site: shape}`` adding up to D.
-        kronecker: :class:`KroneckerBlock` s; dense: :class:`DenseBlock` s (disjoint indices).
+        loc: Tensor[D].
+        site_shapes: ``{site: shape}`` adding up to D.
+        kronecker: :class:`KroneckerBlock` s (disjoint indices).
+        dense: :class:`DenseBlock` s (disjoint indices).
 
-    Example:
+    Examples:
         >>> block = KroneckerBlock(torch.arange(6), torch.eye(2), torch.ones(2), torch.eye(3), torch.ones(3),
         ...                        torch.tensor(3.0))
         >>> q = BlockGaussianLatents(torch.zeros(7), {"w": (2, 3), "b": (1,)}, [block], [])

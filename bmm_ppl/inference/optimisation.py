@@ -16,7 +16,7 @@ def backing_off_closure(optimiser: torch.optim.Optimizer, loss_fn: Callable[[], 
     cone numerically: a Cholesky factor of a covariance or precision failed), the closure answers with a
     finite penalty above the best value so far, which sends the search back toward it.
 
-    Example:
+    Examples:
         >>> x = torch.tensor([2.0], requires_grad=True)
         >>> optimiser = torch.optim.LBFGS([x], line_search_fn="strong_wolfe")
         >>> _ = optimiser.step(backing_off_closure(optimiser, lambda: (x - 1).pow(2).sum()))

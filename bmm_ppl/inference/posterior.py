@@ -34,7 +34,8 @@ class Posterior:
 
     Args:
         model: the Pyro program that was fitted, called as ``model(*args, **kwargs)``.
-        args, kwargs: the data it was fitted to.
+        args: the positional arguments (the data) it was fitted to.
+        kwargs: the keyword arguments (the data) it was fitted to.
         draws: ``{site: Tensor[chain, draw, *site_shape]}`` stored draws (sampling engines).
         latent_distribution: a :class:`LatentDistribution` to draw from (exact and variational engines).
         log_evidence: an :class:`Evidence`, or ``None`` where the engine gives none.
@@ -44,7 +45,7 @@ class Posterior:
         diagnostics: anything else the engine wants to report (convergence, boundaries), as plain data.
         engine: the engine's name.
 
-    Example:
+    Examples:
         >>> from bmm_ppl.models import BayesianLinearRegression, polynomial_features
         >>> from bmm_ppl.inference import Exact
         >>> x = torch.linspace(0, 1, 10, dtype=torch.float64); y = torch.sin(6 * x)
@@ -135,10 +136,14 @@ class Posterior:
     def predict(self, *args, num_samples: int = 1000, **kwargs) -> dict[str, torch.Tensor]:
         """Posterior predictive draws: the model run at ``args`` under ``num_samples`` posterior draws.
 
+        With no ``args`` or ``kwargs`` given, the fitted arguments are used with observations redrawn
+        only where the model leaves them ``None``.
+
         Args:
-            *args, **kwargs: the model's arguments (e.g. new inputs ``x_new``; leave the observations out
-                to draw them). With none given, the fitted arguments are used with observations redrawn
-                only where the model leaves them ``None``.
+            *args: the model's positional arguments (e.g. new inputs ``x_new``; leave the observations out
+                to draw them).
+            num_samples: the number of posterior draws.
+            **kwargs: the model's keyword arguments (likewise).
 
         Returns:
             ``{site: Tensor[num_samples, *site_shape]}`` for every sample site the posterior does not fix
@@ -371,7 +376,7 @@ def describe_support(support: constraints.Constraint) -> str:
     """A device-free description of a site's support, e.g. ``"Real"``, ``"GreaterThan(0.0)"``,
     ``"Interval(0.0, 1.0)"``: the constraint's kind and its scalar bounds.
 
-    Example:
+    Examples:
         >>> describe_support(constraints.positive), describe_support(constraints.independent(constraints.real, 1))
         ('GreaterThan(0.0)', 'Real')
     """

@@ -33,6 +33,13 @@ class WeightPrior(StrEnum):
 
 
 class Likelihood(StrEnum):
+    """The observation model of :class:`BayesianNeuralNetwork` (``likelihood=``; the strings are accepted too).
+
+    Attributes:
+        GAUSSIAN: ``y ~ Normal(f(x), noise)``, for regression.
+        CATEGORICAL: ``y ~ Categorical(logits=f(x))``, for classification.
+    """
+
     GAUSSIAN = "gaussian"  # y ~ N(f(x), noise^2); f(x) is Tensor[n] or Tensor[n, 1] (or [n, k]: k outputs)
     CATEGORICAL = "categorical"  # y ~ Categorical(logits=f(x)); f(x) is Tensor[n, classes]
 
@@ -75,7 +82,7 @@ class BayesianNeuralNetwork:
     Sites: ``"<name>.<parameter>"`` per weight tensor; ``"<name>.prior_scale.<layer>"`` and ``"noise"`` where
     learned or given hyperpriors; ``"obs"`` in the plate ``"data"``.
 
-    Example:
+    Examples:
         >>> net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
         >>> model = BayesianNeuralNetwork(net, prior_scale=None, noise=0.1)
         >>> trace = pyro.poutine.trace(model).get_trace(torch.randn(5, 1))

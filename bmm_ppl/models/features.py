@@ -19,7 +19,7 @@ def _as_column(x: torch.Tensor, name: str = "x") -> torch.Tensor:
 class PolynomialFeatures:
     """``phi(x) = [1, x, x^2, ..., x^degree]`` of a scalar input.
 
-    Example:
+    Examples:
         >>> polynomial_features(2)(torch.tensor([2.0]))
         tensor([[1., 2., 4.]])
     """
@@ -49,7 +49,7 @@ class RBFFeatures:
         centres: Tensor[m] (scalar inputs) or Tensor[m, k] (k-dimensional inputs).
         lengthscale: a positive number.
 
-    Example:
+    Examples:
         >>> rbf_features(torch.linspace(0, 1, 5), 0.2)(torch.rand(7)).shape
         torch.Size([7, 6])
     """
@@ -85,7 +85,7 @@ class RBFFeatures:
 class IdentityFeatures:
     """``phi(x) = [1, x]`` (with ``bias``) or ``x``: ordinary linear regression on the raw inputs.
 
-    Example:
+    Examples:
         >>> IdentityFeatures()(torch.ones(3, 2)).shape
         torch.Size([3, 3])
     """

@@ -41,7 +41,7 @@ class BayesianLinearRegression:
     Sites: ``"w"``: Tensor[d]; ``"obs"``: Tensor[n] in a plate ``"data"``; and ``"alpha"``, ``"beta"``
     where learned or given hyperpriors.
 
-    Example:
+    Examples:
         >>> from bmm_ppl.models import polynomial_features
         >>> model = BayesianLinearRegression(polynomial_features(3), alpha=5e-3, beta=None)
         >>> trace = pyro.poutine.trace(model).get_trace(torch.linspace(0, 1, 10))

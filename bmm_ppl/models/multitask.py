@@ -208,7 +208,7 @@ class MultiTaskRegression:
 
     Sites: ``"W"`` (Tensor[P], the flattened weights; ``structure.task_weights`` reshapes), ``"obs"``.
 
-    Example:
+    Examples:
         >>> model = MultiTaskRegression(RelatedTasks(), num_tasks=3)
         >>> x = torch.randn(12, 2); task = torch.arange(12) % 3
         >>> trace = pyro.poutine.trace(model).get_trace(x, task)

@@ -8,7 +8,7 @@ from bmm_ppl.selection.bilevel import (
     Unrolled,
     per_parameter_weight_decay,
 )
-from bmm_ppl.selection.compare import Comparison, IncompatibleEvidenceError, compare
+from bmm_ppl.selection.comparison import Comparison, IncompatibleEvidenceError, compare
 from bmm_ppl.selection.hypergradients import InverseHVP, implicit_hypergradient, unrolled_hypergradient
 from bmm_ppl.selection.training_speed import TrainingSpeed
 

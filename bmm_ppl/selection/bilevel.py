@@ -42,7 +42,7 @@ class FunctionalAdam:
     """Adam over a dict of tensors, as a pure ``init`` / ``step`` pair (no ``torch.optim`` state, so no
     tensor is made on the default device).
 
-    Example:
+    Examples:
         >>> adam = FunctionalAdam(lr=0.1)
         >>> x = {"a": torch.tensor(1.0)}; state = adam.init(x)
         >>> x, state = adam.step(x, {"a": torch.tensor(2.0)}, state)
@@ -87,7 +87,7 @@ class BilevelProblem:
         constrain: maps optimised hyperparameters to the values reported (identity by default;
             :meth:`from_pyro` maps unconstrained values through each ``pyro.param``'s constraint).
 
-    Example:
+    Examples:
         >>> x = torch.randn(20, 3); y = x.sum(-1)
         >>> problem = BilevelProblem(
         ...     inner=lambda p, h: ((x[:10] @ p["w"] - y[:10]) ** 2).mean() + h["log_decay"].exp() * p["w"].square().sum(),
@@ -147,7 +147,9 @@ class BilevelProblem:
 
         Args:
             model: a Pyro program called as ``model(*train)`` and ``model(*validation)``.
-            train, validation: the model's positional arguments, observations included.
+            train: the model's positional arguments for the inner (training) problem, observations included.
+            validation: the model's positional arguments for the outer (validation) objective, observations
+                included.
             hyperparameters: names of ``pyro.param`` sites to tune (default: all of them).
             init: starting values of latent sites (constrained); a prior draw by default.
             objective: ``"map"`` or ``"elbo"``.
@@ -220,7 +222,7 @@ def per_parameter_weight_decay(params: Mapping[str, torch.Tensor], log_decays: M
     """``sum_k exp(log_decay_k) * theta_k^2`` elementwise: one weight decay per scalar parameter for every
     parameter named in ``log_decays`` (each shaped like its parameter, or broadcastable to it).
 
-    Example:
+    Examples:
         >>> per_parameter_weight_decay({"w": torch.ones(3)}, {"w": torch.zeros(3)})
         tensor(3.)
     """
@@ -351,7 +353,7 @@ class HyperparameterOptimiser:
         min_delta: improvement that resets the patience counter.
         progress: show a tqdm bar.
 
-    Example:
+    Examples:
         >>> x = torch.linspace(-1, 1, 30, dtype=torch.float64).unsqueeze(-1) ** torch.arange(4.0, dtype=torch.float64)
         >>> y = torch.sin(3 * x[:, 1])
         >>> problem = BilevelProblem(

@@ -170,7 +170,7 @@ def unrolled_hypergradient(
     Returns:
         a :class:`HypergradientResult` whose ``params`` are ``theta_T``.
 
-    Example:
+    Examples:
         >>> x = torch.tensor([1.0, 2.0]); y = torch.tensor([1.0, 3.0])
         >>> inner = lambda p, h: ((x * p["w"] - y) ** 2).sum() + h["decay"] * p["w"] ** 2
         >>> outer = lambda p, h: (p["w"] - 1.5) ** 2
@@ -291,7 +291,8 @@ def implicit_hypergradient(
     point of ``inner`` and the solve converged; the caller optimises the inner problem first.
 
     Args:
-        inner, outer: ``objective(params, hyperparameters) -> Tensor[]``.
+        inner: the inner objective, ``objective(params, hyperparameters) -> Tensor[]``.
+        outer: the outer objective, ``objective(params, hyperparameters) -> Tensor[]``.
         params: ``{name: Tensor[...]}`` (approximately) minimising ``inner`` at ``hyperparameters``.
         hyperparameters: ``{name: Tensor[...]}``.
         method: ``"cg"`` (conjugate gradients) or ``"neumann"`` (truncated Neumann series).
@@ -305,7 +306,7 @@ def implicit_hypergradient(
     Returns:
         a :class:`HypergradientResult`; ``info["residual_norm"]`` is ``|(H + damping) u - d_theta outer|``.
 
-    Example:
+    Examples:
         >>> inner = lambda p, h: (p["w"] - 2.0) ** 2 + h["decay"] * p["w"] ** 2
         >>> outer = lambda p, h: (p["w"] - 1.0) ** 2
         >>> decay = torch.tensor(0.5); w_star = 2.0 / (1 + decay)

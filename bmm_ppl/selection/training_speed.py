@@ -72,7 +72,7 @@ class LaplaceGaussian:
         eigenvalues: Tensor[p], positive.
         eigenvectors: Tensor[p, p], columns.
 
-    Example:
+    Examples:
         >>> g = LaplaceGaussian.from_hessian(torch.zeros(2), 4 * torch.eye(2))
         >>> round(float(g.log_prob(torch.zeros(1, 2))[0]), 4)  # log N(0; 0, I/4) = log(4 / (2 pi))
         -0.4516
@@ -138,7 +138,7 @@ class TrainingSpeed:
     al.'s sum of training losses (``"plug-in"``, 100 Adam steps, no Hessian; about 2.5 s per degree and
     ordering) ranks those degrees against the evidence (Spearman -0.32, top four 1, 0, 2, 5).
 
-    Example:
+    Examples:
         >>> from bmm_ppl.models import BayesianLinearRegression, polynomial_features
         >>> x = torch.linspace(0, 1, 8, dtype=torch.float64); y = 2 * x
         >>> post = TrainingSpeed(batch_size=4, num_orderings=2, seed=0, progress=False).fit(

@@ -63,6 +63,8 @@ ORACLES: dict[str, Callable[..., Oracle]] = {
     "conjugate_gaussian": conjugate_gaussian_oracle,
     "linear_regression": linear_regression_oracle,
 }
+"""The reference problems of the conformance suite by name: each builds an :class:`Oracle` (its model, data
+and exact posterior moments and evidence) for a ``dtype`` and ``device``."""
 
 
 def effective_sample_sizes(draws: torch.Tensor) -> torch.Tensor:

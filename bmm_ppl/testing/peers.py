@@ -45,7 +45,7 @@ class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 def import_laplace_torch():
     """``laplace`` (laplace-torch), or ``None`` where it is not installed.
 
-    Example:
+    Examples:
         >>> laplace = import_laplace_torch()
         >>> laplace is None or callable(laplace.Laplace)
         True

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from bmm_ppl.distillation.distill import agreement
+from bmm_ppl.distillation.student import agreement
 from bmm_ppl.distillation.dark_knowledge import BayesianDarkKnowledge
 from tests.conftest import default_device
 

@@ -10,7 +10,7 @@ from bmm_ppl.distillation.data_free import (
     statistics_of,
     synthesize_inputs,
 )
-from bmm_ppl.distillation.distill import agreement, distill
+from bmm_ppl.distillation.student import agreement, distill
 from tests.conftest import default_device
 
 

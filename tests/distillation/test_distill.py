@@ -7,7 +7,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from bmm_ppl.distillation.distill import GaussianPerturbation, agreement, distill
+from bmm_ppl.distillation.student import GaussianPerturbation, agreement, distill
 from bmm_ppl.distillation.teachers import PosteriorTeacher, as_teacher
 from bmm_ppl.inference.errors import ConvergenceWarning, DivergenceError
 from bmm_ppl.inference.posterior import Posterior

@@ -20,7 +20,7 @@ from bmm_ppl.models.invariance import (
     rot90_group,
 )
 from bmm_ppl.models.invariance._gpytorch import gpytorch
-from bmm_ppl.selection.compare import compare
+from bmm_ppl.selection.comparison import compare
 from tests.conftest import default_device
 
 F64 = torch.float64

@@ -78,7 +78,7 @@ class Exact:
         device: move the data here before fitting (``None``: follow the data).
         progress: accepted for a uniform engine signature; exact fits are too fast to need a bar.
 
-    Example:
+    Examples:
         >>> from bmm_ppl.models import BayesianLinearRegression, polynomial_features
         >>> x = torch.linspace(-1, 1, 40, dtype=torch.float64)
         >>> y = torch.sin(3 * x) + 0.1 * torch.cos(17 * x)

@@ -44,7 +44,7 @@ def jittered_cholesky(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     Raises:
         torch.linalg.LinAlgError: the matrix is not positive definite even with the largest jitter.
 
-    Example:
+    Examples:
         >>> factor, jitter = jittered_cholesky(torch.ones(2, 2, dtype=torch.float64))
         >>> float(jitter) > 0, bool(torch.allclose(factor @ factor.T, torch.ones(2, 2, dtype=torch.float64), atol=1e-6))
         (True, True)
@@ -84,7 +84,7 @@ def gaussian_log_evidence(covariance: torch.Tensor, noise: torch.Tensor, targets
     Returns:
         Tensor[] the log evidence, a total over all ``n * C`` observations.
 
-    Example:
+    Examples:
         >>> K = torch.eye(3, dtype=torch.float64)
         >>> round(float(gaussian_log_evidence(K, torch.tensor(1.0, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))), 6)
         -3.796536
@@ -100,14 +100,16 @@ def standardised_log_evidence(covariance: torch.Tensor, noise: torch.Tensor, tar
     scale ``c``; on the user's scale it is this minus ``y.numel() * log c``.
 
     Args:
-        covariance: Tensor[n, n]; noise: Tensor[]; targets: Tensor[n] or Tensor[n, C].
+        covariance: Tensor[n, n].
+        noise: Tensor[].
+        targets: Tensor[n] or Tensor[n, C].
         scale: the target scale ``c`` (> 0).
 
     Returns:
         ``(log_evidence, jitter)``: Tensor[] on the standardised scale and the Cholesky jitter added
         there (Tensor[]; multiply by ``c²`` for the user's scale).
 
-    Example:
+    Examples:
         >>> K = torch.eye(3, dtype=torch.float64); y = torch.ones(3, dtype=torch.float64)
         >>> value, _ = standardised_log_evidence(1e6 * K, torch.tensor(1e6, dtype=torch.float64), 1e3 * y, 1e3)
         >>> bool(torch.isclose(value - 3 * math.log(1e3), gaussian_log_evidence(1e6 * K, torch.tensor(1e6, dtype=torch.float64), 1e3 * y)))
@@ -151,7 +153,7 @@ def total_exact_log_evidence(mll, function_dist, target: torch.Tensor) -> torch.
     """The total ``log p(y)`` from a ``gpytorch.mlls.ExactMarginalLogLikelihood``, which divides by ``n``
     and adds the model's log priors: ``n * mll(output, y) - Σ log priors``, summed over any batch.
 
-    Example:
+    Examples:
         >>> from bmm_ppl.models.invariance._gpytorch import gpytorch
         >>> x = torch.linspace(0, 1, 4, dtype=torch.float64); y = torch.sin(x)
         >>> class GP(gpytorch.models.ExactGP):
@@ -231,7 +233,7 @@ class GPEvidence:
         device: move the data here first (``None``: follow the data).
         progress: show a tqdm bar.
 
-    Example:
+    Examples:
         >>> from bmm_ppl.models.invariance import GPRegression
         >>> import gpytorch
         >>> x = torch.linspace(0, 1, 20, dtype=torch.float64).unsqueeze(-1); y = torch.sin(6 * x[:, 0])

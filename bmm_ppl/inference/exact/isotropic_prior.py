@@ -25,10 +25,13 @@ class SpectralData:
     """The SVD of the design and the projections of the targets onto it.
 
     Attributes:
-        left: Tensor[n, r] (U), singular: Tensor[r] (s), right: Tensor[d, r] (V).
+        left: Tensor[n, r] (U).
+        singular: Tensor[r] (s).
+        right: Tensor[d, r] (V).
         projected: Tensor[r, *batch], ``U^T y``.
         residual_sq: Tensor[*batch], ``|y - U U^T y|^2``.
-        num_data, num_features: n and d.
+        num_data: n.
+        num_features: d.
     """
 
     left: torch.Tensor
@@ -43,7 +46,7 @@ class SpectralData:
 def spectral_data(design: torch.Tensor, targets: torch.Tensor) -> SpectralData:
     """Decomposes ``design: Tensor[n, d]`` and projects ``targets: Tensor[n, *batch]``.
 
-    Example:
+    Examples:
         >>> phi = torch.randn(20, 3, dtype=torch.float64); y = torch.randn(20, dtype=torch.float64)
         >>> spectral_data(phi, y).singular.shape
         torch.Size([3])

@@ -28,7 +28,8 @@ class TypeIIResult:
     """Outcome of evidence maximisation.
 
     Attributes:
-        alpha, beta: the values reached (float64 scalars on the data's device).
+        alpha: the prior precision reached (a float64 scalar on the data's device).
+        beta: the noise precision reached (a float64 scalar on the data's device).
         log_evidence: the total log evidence there.
         boundary: ``{name: "+inf"}`` for hyperparameters whose supremum is a limit; empty when the
             optimum is interior.
@@ -117,9 +118,10 @@ def maximise_evidence(
 
     Args:
         data: the decomposed design and targets (targets in a batch share the hyperparameters).
-        alpha, beta: fixed values, or ``None`` to learn.
+        alpha: the prior precision: a fixed value, or ``None`` to learn.
+        beta: the noise precision: a fixed value, or ``None`` to learn.
 
-    Example:
+    Examples:
         >>> from bmm_ppl.inference.exact.isotropic_prior import spectral_data
         >>> x = torch.linspace(-1, 1, 40, dtype=torch.float64)
         >>> phi = torch.stack([x**0, x, x**2], -1); y = torch.sin(3 * x) + 0.1 * torch.cos(17 * x)

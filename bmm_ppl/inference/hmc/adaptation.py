@@ -33,7 +33,7 @@ def dual_averaging(target: float = 0.8, gamma: float = 0.05, t0: float = 10.0, k
     step size is ``state.log_step.exp()``); ``final(state) -> Tensor[C]``, the averaged step size to sample
     with.
 
-    Example:
+    Examples:
         >>> init, update, final = dual_averaging(target=0.8)
         >>> state = init(torch.ones(2))
         >>> for _ in range(50):
@@ -78,7 +78,7 @@ def welford_variance():
     :func:`shrunk_covariance_estimator`); ``update(state, z: Tensor[C, D]) -> state``; ``final(state)``:
     Stan's regularised estimate ``n/(n+5) var + 1e-3 * 5/(n+5)``, Tensor[C, D].
 
-    Example:
+    Examples:
         >>> init, update, final = welford_variance()
         >>> state = init(torch.zeros(1, 2))
         >>> for z in torch.tensor([[[0.0, 1.0]], [[2.0, 1.0]]]):
@@ -127,7 +127,7 @@ def shrunk_covariance(window: WindowDraws) -> tuple[torch.Tensor, torch.Tensor]:
     identity at first) keeps the structure already learnt: a strong correlation found by an earlier
     window is not shrunk away, only the noise around it.
 
-    Example:
+    Examples:
         >>> init, update, final = shrunk_covariance_estimator()
         >>> window = init(torch.zeros(1, 2))
         >>> for z in torch.randn(400, 1, 2) @ torch.tensor([[1.0, 0.9], [0.0, 0.4]]):
@@ -190,7 +190,7 @@ def shrunk_covariance_estimator():
 def adaptation_windows(warmup_steps: int, init_buffer: int = 75, term_buffer: int = 50, base_window: int = 25) -> list[tuple[int, int]]:
     """Stan's slow-adaptation windows ``[(start, end), ...]`` (end exclusive) for the mass matrix.
 
-    Example:
+    Examples:
         >>> adaptation_windows(1000)
         [(75, 100), (100, 150), (150, 250), (250, 450), (450, 950)]
     """

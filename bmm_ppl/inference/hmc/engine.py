@@ -314,7 +314,8 @@ class NUTS(_Hamiltonian):
             regression, 31 coefficients: 8.4 s against 60 s eager). The model's Python code
             runs only while recording (side effects happen once); ``False`` runs eagerly.
         step_size: the initial step size (``None``: found heuristically).
-        adapt_step_size, adapt_mass_matrix: switch the two adaptations.
+        adapt_step_size: switch the dual-averaging step-size adaptation.
+        adapt_mass_matrix: switch the mass-matrix adaptation.
         dense_mass: adapt a dense inverse mass matrix (the covariance of each window's warm-up draws,
             its correlations shrunk toward zero by the Schafer-Strimmer intensity so that short windows give
             a nearly diagonal metric, then regularised as Stan does:
@@ -330,7 +331,7 @@ class NUTS(_Hamiltonian):
     Post-warm-up divergences are counted in ``sample_stats["diverging"]`` and ``diagnostics`` and raise
     a :class:`DivergentTransitionWarning`.
 
-    Example:
+    Examples:
         >>> import pyro.distributions as dist
         >>> def model():
         ...     pyro.sample("s", dist.LogNormal(0.0, 0.5))
@@ -374,6 +375,8 @@ class HMC(_Hamiltonian):
     ``adapt_mass_matrix=False`` on a wide posterior) raises a
     :class:`~bmm_ppl.inference.errors.ChainDiagnosticsWarning`, as do failed R-hat / ESS checks.
 
+    The arguments not listed below are as for :class:`NUTS`.
+
     Args:
         num_steps: a fixed number of leapfrog steps per transition (jittered), or ``None`` (default) to set
             it from ``trajectory_length`` and the adapted step size.
@@ -381,11 +384,10 @@ class HMC(_Hamiltonian):
             of a unit Gaussian coordinate, so that successive draws are nearly independent; with the jitter
             the autocorrelation of the draws averages 0 there and that of their squares about 0.2).
         max_num_steps: the cap on leapfrog steps per transition.
-        Other arguments as for :class:`NUTS`.
 
     ``diagnostics["trajectory_length"]``: Tensor[C], each chain's mean ``step_size * n_steps`` after warm-up.
 
-    Example:
+    Examples:
         >>> import pyro.distributions as dist
         >>> def model():
         ...     pyro.sample("m", dist.Normal(0.0, 1.0))

@@ -45,7 +45,7 @@ def is_dense(inv_mass: torch.Tensor) -> bool:
 def velocity(r: torch.Tensor, inv_mass: torch.Tensor) -> torch.Tensor:
     """``M^-1 r`` for momenta ``r: Tensor[C, D]`` or ``Tensor[C, K, D]`` (K momenta per chain), same shape.
 
-    Example:
+    Examples:
         >>> velocity(torch.ones(2, 3), torch.full((2, 3), 2.0))[0]
         tensor([2., 2., 2.])
         >>> velocity(torch.ones(2, 3), 2 * torch.eye(3).expand(2, 3, 3))[0]

@@ -35,14 +35,15 @@ def hmc_step(
 
     Args:
         point: the current positions (``point.r`` is ignored: momenta are drawn afresh).
-        step_size: Tensor[C]; inv_mass: the inverse mass matrices, ``Tensor[C, D]`` or ``Tensor[C, D, D]``.
+        step_size: Tensor[C].
+        inv_mass: the inverse mass matrices, ``Tensor[C, D]`` or ``Tensor[C, D, D]``.
         potential_and_grad: ``z: Tensor[C, D] -> (U: Tensor[C], dU/dz: Tensor[C, D])``.
         num_steps: leapfrog steps, one number for every chain or ``Tensor[C]`` (integers >= 1) per chain.
 
     Returns:
         ``(new_point, info)`` with ``info`` an :class:`HMCInfo`.
 
-    Example:
+    Examples:
         >>> def potential_and_grad(z):
         ...     return 0.5 * (z * z).sum(-1), z
         >>> z = torch.zeros(2, 3)

@@ -132,7 +132,8 @@ def add_leaf(potential_and_grad, sub: Subtree, half_inv_mass: torch.Tensor, inv_
 
     Args:
         potential_and_grad: ``z: Tensor[C, D] -> (U: Tensor[C], dU/dz: Tensor[C, D])``.
-        half_inv_mass: half the inverse mass; inv_mass: the inverse mass (``Tensor[C, D]`` or ``[C, D, D]``).
+        half_inv_mass: half the inverse mass (``Tensor[C, D]`` or ``[C, D, D]``).
+        inv_mass: the inverse mass (``Tensor[C, D]`` or ``[C, D, D]``).
         energy0: Tensor[C] the Hamiltonian at the transition's start.
         mask: with ``opens``, Tensor[K, 1] bool: the checkpoint this leaf opens; else Tensor[K] bool: the
             checkpoints whose sub-subtrees this leaf closes (see :func:`_checkpoint_masks`).
@@ -273,7 +274,7 @@ class NUTSKernel:
             ``torch.autograd.grad``), which :meth:`compile` records into the leaf graph; ``None`` to use
             ``potential_and_grad`` as the compiled potential.
 
-    Example:
+    Examples:
         >>> def potential_and_grad(z):
         ...     return 0.5 * (z * z).sum(-1), z
         >>> kernel = NUTSKernel(potential_and_grad, max_tree_depth=5)
@@ -337,8 +338,8 @@ class NUTSKernel:
 
         Args:
             point: the current positions (``point.r`` is ignored: momenta are drawn afresh).
-            step_size: Tensor[C]; inv_mass: the inverse mass matrices, diagonal ``Tensor[C, D]`` or dense
-                ``Tensor[C, D, D]``.
+            step_size: Tensor[C].
+            inv_mass: the inverse mass matrices, diagonal ``Tensor[C, D]`` or dense ``Tensor[C, D, D]``.
 
         Returns:
             ``(new_point, info)`` with ``info`` a :class:`NUTSInfo`.

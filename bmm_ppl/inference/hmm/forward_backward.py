@@ -24,7 +24,7 @@ def hmm_forward(log_initial: torch.Tensor, log_transition: torch.Tensor, log_emi
     """Forward pass: ``(log_evidence: Tensor[*batch], log_alpha: Tensor[*batch, T, K])`` with
     ``log_alpha[t, k] = log p(y_{0:t}, z_t = k)``.
 
-    Example:
+    Examples:
         >>> lp = torch.full((2,), 0.5).log(); lt = torch.full((2, 2), 0.5).log()
         >>> hmm_forward(lp, lt, torch.zeros(3, 2))[0]
         tensor(0.)
@@ -54,7 +54,7 @@ def viterbi(log_initial: torch.Tensor, log_transition: torch.Tensor, log_emissio
     """The most probable state path: ``(path: LongTensor[*batch, T], log_joint: Tensor[*batch])`` where
     ``log_joint = log p(y, path)``.
 
-    Example:
+    Examples:
         >>> lp = torch.tensor([0.9, 0.1]).log(); lt = torch.tensor([[0.9, 0.1], [0.1, 0.9]]).log()
         >>> viterbi(lp, lt, torch.zeros(3, 2))[0]
         tensor([0, 0, 0])

@@ -66,7 +66,7 @@ def filter_and_smooth(params: LinearGaussianParams, y: torch.Tensor, method: Fil
 def log_likelihood(params: LinearGaussianParams, y: torch.Tensor, method: FilterMethod | str = "auto") -> torch.Tensor:
     """Exact ``log p(y)`` of each series, Tensor[*batch]; differentiable in the matrices.
 
-    Example:
+    Examples:
         >>> p = LinearGaussianParams(torch.eye(1), torch.eye(1), torch.eye(1), torch.eye(1), torch.zeros(1), torch.eye(1))
         >>> log_likelihood(p, torch.zeros(3, 1)).shape
         torch.Size([])
@@ -150,7 +150,7 @@ class Kalman:
         device: move the data here first (``None``: follow the data).
         progress: show a tqdm bar while learning.
 
-    Example:
+    Examples:
         >>> from bmm_ppl.models.state_space import local_level
         >>> g = torch.Generator().manual_seed(0)
         >>> y = torch.randn(50, 1, generator=g, dtype=torch.float64).cumsum(0) + torch.randn(50, 1, generator=g, dtype=torch.float64)

@@ -32,8 +32,10 @@ class FilterResult:
 
     Attributes:
         log_likelihood: Tensor[*batch], ``log p(y_{1:T})`` of each series.
-        filtered_means: Tensor[*batch, T, n], ``E[x_t | y_{1:t}]``; filtered_covs: Tensor[*batch, T, n, n].
-        predicted_means: Tensor[*batch, T, n], ``E[x_t | y_{1:t-1}]``; predicted_covs likewise.
+        filtered_means: Tensor[*batch, T, n], ``E[x_t | y_{1:t}]``.
+        filtered_covs: Tensor[*batch, T, n, n], ``Cov[x_t | y_{1:t}]``.
+        predicted_means: Tensor[*batch, T, n], ``E[x_t | y_{1:t-1}]``.
+        predicted_covs: Tensor[*batch, T, n, n], ``Cov[x_t | y_{1:t-1}]``.
     """
 
     log_likelihood: torch.Tensor
@@ -48,7 +50,8 @@ class SmootherResult:
     """Output of :func:`rts_smoother`.
 
     Attributes:
-        smoothed_means: Tensor[*batch, T, n], ``E[x_t | y_{1:T}]``; smoothed_covs: Tensor[*batch, T, n, n].
+        smoothed_means: Tensor[*batch, T, n], ``E[x_t | y_{1:T}]``.
+        smoothed_covs: Tensor[*batch, T, n, n], ``Cov[x_t | y_{1:T}]``.
         gains: Tensor[*batch, T - 1, n, n], the RTS gains ``G_t = P_{t|t} F_t^T P_{t+1|t}^{-1}``.
     """
 
@@ -66,8 +69,12 @@ def gaussian_update(mean, cov, residual_base, h, r, num_observed):
     """One measurement update in Joseph form, with the log-likelihood of the innovation.
 
     Args:
-        mean: Tensor[..., n]; cov: Tensor[..., n, n]; residual_base: Tensor[..., p] (``y - d``, masked);
-        h: Tensor[..., p, n]; r: Tensor[..., p, p]; num_observed: Tensor[...].
+        mean: Tensor[..., n].
+        cov: Tensor[..., n, n].
+        residual_base: Tensor[..., p] (``y - d``, masked).
+        h: Tensor[..., p, n].
+        r: Tensor[..., p, p].
+        num_observed: Tensor[...].
 
     Returns:
         ``(mean, cov, log_likelihood)`` after conditioning on the observation.
@@ -91,7 +98,7 @@ def kalman_filter(params: LinearGaussianParams, y: torch.Tensor) -> FilterResult
     """Runs the Kalman filter over ``y: Tensor[*batch, T, p]`` (NaN = missing) and returns the exact
     log-likelihood with the filtered and one-step predicted moments.
 
-    Example:
+    Examples:
         >>> p = LinearGaussianParams(torch.eye(1), torch.eye(1), torch.eye(1), torch.eye(1), torch.zeros(1), torch.eye(1))
         >>> kalman_filter(p, torch.zeros(5, 1)).filtered_means.shape
         torch.Size([5, 1])
@@ -141,7 +148,7 @@ def smoother_gains(params: LinearGaussianParams, filtered: FilterResult) -> torc
 def rts_smoother(params: LinearGaussianParams, filtered: FilterResult) -> SmootherResult:
     """Rauch--Tung--Striebel smoothing of a :func:`kalman_filter` result.
 
-    Example:
+    Examples:
         >>> p = LinearGaussianParams(torch.eye(1), torch.eye(1), torch.eye(1), torch.eye(1), torch.zeros(1), torch.eye(1))
         >>> rts_smoother(p, kalman_filter(p, torch.zeros(5, 1))).smoothed_covs.shape
         torch.Size([5, 1, 1])

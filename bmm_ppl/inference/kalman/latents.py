@@ -24,13 +24,16 @@ class SmoothedStates(LatentDistribution):
     Draws are joint trajectories (forward filtering, backward sampling), not independent marginals.
 
     Attributes:
-        filtered_means: Tensor[*batch, T, n]; filtered_covs: Tensor[*batch, T, n, n] (``x_t | y_{1:t}``).
-        predicted_means, predicted_covs: ``x_t | y_{1:t-1}``, same shapes.
-        smoothed_means, smoothed_covs: ``x_t | y_{1:T}``, same shapes.
+        filtered_means: Tensor[*batch, T, n] (``x_t | y_{1:t}``).
+        filtered_covs: Tensor[*batch, T, n, n] (``x_t | y_{1:t}``).
+        predicted_means: ``x_t | y_{1:t-1}``, shaped as ``filtered_means``.
+        predicted_covs: ``x_t | y_{1:t-1}``, shaped as ``filtered_covs``.
+        smoothed_means: ``x_t | y_{1:T}``, shaped as ``filtered_means``.
+        smoothed_covs: ``x_t | y_{1:T}``, shaped as ``filtered_covs``.
         gains: Tensor[*batch, T-1, n, n], the RTS gains.
         site: the name of the trajectory site in the model (``"states"``).
 
-    Example:
+    Examples:
         >>> from bmm_ppl.inference.kalman.filtering import kalman_filter, rts_smoother
         >>> from bmm_ppl.models.state_space import LinearGaussianParams
         >>> p = LinearGaussianParams(torch.eye(1), torch.eye(1), torch.eye(1), torch.eye(1), torch.zeros(1), torch.eye(1))

@@ -70,7 +70,7 @@ def extended_kalman_filter(
 ) -> FilterResult:
     """The EKF; ``log_likelihood`` is the approximate log evidence.
 
-    Example:
+    Examples:
         >>> e = torch.eye(1, dtype=torch.float64)
         >>> r = extended_kalman_filter(torch.sin, lambda x: x, e, e, torch.zeros(1, dtype=torch.float64), e, torch.zeros(4, 1, dtype=torch.float64))
         >>> r.filtered_means.shape
@@ -121,7 +121,7 @@ def unscented_kalman_filter(
     """The UKF; ``log_likelihood`` is the approximate log evidence. The defaults (``alpha=1``, ``kappa=0``)
     keep all weights non-negative but the centre's covariance weight.
 
-    Example:
+    Examples:
         >>> e = torch.eye(1, dtype=torch.float64)
         >>> r = unscented_kalman_filter(torch.sin, lambda x: x, e, e, torch.zeros(1, dtype=torch.float64), e, torch.zeros(4, 1, dtype=torch.float64))
         >>> r.filtered_covs.shape

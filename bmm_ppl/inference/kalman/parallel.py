@@ -25,7 +25,7 @@ def associative_scan(combine: Callable, elements: tuple, reverse: bool = False) 
     in the even positions. ``reverse=True`` gives suffix "sums" (element t combines t..T); ``combine`` is
     always called as ``combine(earlier, later)`` in time order.
 
-    Example:
+    Examples:
         >>> associative_scan(lambda a, b: (a[0] + b[0],), (torch.arange(5.0),))[0]
         tensor([ 0.,  1.,  3.,  6., 10.])
     """
@@ -83,7 +83,7 @@ def parallel_kalman_filter(params: LinearGaussianParams, y: torch.Tensor) -> Fil
     """The Kalman filter of ``y: Tensor[*batch, T, p]`` as an associative scan; same result as
     :func:`~bmm_ppl.inference.kalman.filtering.kalman_filter`.
 
-    Example:
+    Examples:
         >>> p = LinearGaussianParams(torch.eye(1), torch.eye(1), torch.eye(1), torch.eye(1), torch.zeros(1), torch.eye(1))
         >>> parallel_kalman_filter(p, torch.zeros(5, 1)).filtered_means.shape
         torch.Size([5, 1])

@@ -65,7 +65,7 @@ def steady_state_log_likelihood(params: LinearGaussianParams, y: torch.Tensor) -
     """Exact ``log p(y)`` (Tensor[*batch]) for time-invariant matrices and complete ``y: Tensor[*batch, T, p]``;
     equal to :func:`kalman_filter`'s up to round-off. Differentiable.
 
-    Example:
+    Examples:
         >>> e = torch.eye(1, dtype=torch.float64)
         >>> p = LinearGaussianParams(e, e, e, e, torch.zeros(1, dtype=torch.float64), e)
         >>> y = torch.randn(500, 1, dtype=torch.float64)

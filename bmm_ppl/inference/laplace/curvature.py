@@ -30,7 +30,7 @@ def output_hessian_blocks(log_likelihood_of_output: Callable[[torch.Tensor], tor
     Returns:
         Tensor[n, K, K] with ``K = prod(output_shape)``.
 
-    Example:
+    Examples:
         >>> y = torch.tensor([0.5, -1.0])
         >>> blocks = output_hessian_blocks(lambda f: torch.distributions.Normal(f, 0.5).log_prob(y).sum(), torch.zeros(2))
         >>> blocks.squeeze(-1).squeeze(-1)
@@ -62,7 +62,7 @@ def gauss_newton(jacobian: torch.Tensor, blocks: torch.Tensor, structure: Hessia
         jacobian: Tensor[n, K, P].
         blocks: Tensor[n, K, K].
 
-    Example:
+    Examples:
         >>> J = torch.tensor([[[1.0, 2.0]]]); L = torch.tensor([[[3.0]]])
         >>> gauss_newton(J, L, HessianStructure.FULL), gauss_newton(J, L, HessianStructure.DIAG)
         (tensor([[ 3.,  6.],
@@ -91,7 +91,7 @@ def posterior_precision(curvature: torch.Tensor, prior_precision: torch.Tensor, 
 def laplace_log_evidence(log_joint_at_mode: torch.Tensor, log_det_precision: torch.Tensor, num_parameters: int) -> torch.Tensor:
     """``log p(y) ~= log p(y, theta*) + P/2 log 2 pi - 1/2 log det H`` (MacKay 1992; Immer et al. 2021, eq. 3).
 
-    Example:
+    Examples:
         >>> abs(float(laplace_log_evidence(torch.tensor(0.0), torch.tensor(0.0), 2)) - math.log(2 * math.pi)) < 1e-6
         True
     """

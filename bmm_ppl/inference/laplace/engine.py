@@ -126,7 +126,7 @@ class Laplace:
     approximated sites, or ``None`` for all), ``kfac`` (the approximation, for ``"kron"``),
     ``log_det_precision``, ``log_joint_at_mode`` (less the held sites' prior, with a subset).
 
-    Example:
+    Examples:
         >>> import pyro
         >>> import pyro.distributions as dist
         >>> def model(x, y):
@@ -184,14 +184,15 @@ class Laplace:
 
         Args:
             module: ``module(x) -> Tensor[n, K]`` (or ``Tensor[n]``).
-            x, y: inputs Tensor[n, ...]; targets Tensor[n] / Tensor[n, K] (``"gaussian"``) or integer labels
-                Tensor[n] (``"categorical"``).
+            x: inputs Tensor[n, ...].
+            y: targets Tensor[n] / Tensor[n, K] (``"gaussian"``) or integer labels Tensor[n]
+                (``"categorical"``).
             likelihood: ``"gaussian"`` (regression) or ``"categorical"`` (classification).
             prior_precision: ``delta`` of the prior ``N(0, 1/delta)`` on every weight, or ``None`` for one
                 per layer learned by type-II.
             noise: the Gaussian noise standard deviation, or ``None`` for learned (ignored for categorical).
 
-        Example:
+        Examples:
             >>> net = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
             >>> x = torch.linspace(-2, 2, 30, dtype=torch.float64).unsqueeze(-1)
             >>> post = Laplace(hessian="kron", progress=False).fit_network(net, x, torch.sin(x).squeeze(-1), noise=0.1)

@@ -52,7 +52,7 @@ class LinearCall(NamedTuple):
 class LinearLayerRecorder(TorchFunctionMode):
     """Records every ``F.linear`` call and every matrix product with a 2-D right operand.
 
-    Example:
+    Examples:
         >>> w = torch.randn(3, 2)
         >>> with LinearLayerRecorder() as recorder:
         ...     h = torch.nn.functional.linear(torch.randn(5, 2), w)
@@ -152,7 +152,7 @@ def gauss_newton_factor(output_gradients: torch.Tensor, point: torch.Tensor | No
     """``sum_r g_r^T Lambda_{n(r)} g_r``: Tensor[out, out] from ``g`` Tensor[K, R, out] and ``Lambda``
     Tensor[N, K, K] (``point[r]`` the data point of row ``r``; ``None``: row ``r`` is point ``r``).
 
-    Example:
+    Examples:
         >>> g = torch.ones(1, 2, 3); gauss_newton_factor(g, None, torch.full((2, 1, 1), 0.5))[0]
         tensor([1., 1., 1.])
     """

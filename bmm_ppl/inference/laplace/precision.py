@@ -91,8 +91,12 @@ class KroneckerFactors(NamedTuple):
     there, so the type-II search may differentiate through ``left``).
 
     Attributes:
-        index: LongTensor[a * b]; left: Tensor[a, a]; right: Tensor[b, b]; delta: Tensor[];
-        left_vectors: Tensor[a, a]; right_vectors: Tensor[b, b].
+        index: LongTensor[a * b].
+        left: Tensor[a, a].
+        right: Tensor[b, b].
+        delta: Tensor[].
+        left_vectors: Tensor[a, a].
+        right_vectors: Tensor[b, b].
     """
 
     index: torch.Tensor

@@ -21,14 +21,15 @@ def linearised_predictive(posterior: Posterior, *args, **kwargs) -> tuple[torch.
     Args:
         posterior: a :class:`~bmm_ppl.inference.laplace.Laplace` fit with a GGN curvature (it names its
             output site in ``diagnostics["output"]``).
-        args, kwargs: the model's arguments at the new inputs (observations may be left out).
+        *args: the model's positional arguments at the new inputs (observations may be left out).
+        **kwargs: the model's keyword arguments at the new inputs (observations may be left out).
 
     Returns:
         ``(mean, covariance)``: Tensor[n, K] and Tensor[n, K, K] per point (``K`` outputs per point;
         Tensor[n] and Tensor[n] for a scalar output). For a Gaussian likelihood the predictive of ``y``
         adds the noise variance; for classification see :func:`probit_probabilities`.
 
-    Example:
+    Examples:
         >>> import pyro, pyro.distributions as dist
         >>> from bmm_ppl.inference import Laplace
         >>> def model(x, y=None):
@@ -68,7 +69,7 @@ def probit_probabilities(mean: torch.Tensor, covariance: torch.Tensor) -> torch.
     ``softmax(mean_k / sqrt(1 + pi/8 var_k))`` (MacKay 1992; Gibbs 1997): Tensor[n, K] from
     ``mean`` Tensor[n, K] and ``covariance`` Tensor[n, K, K].
 
-    Example:
+    Examples:
         >>> probit_probabilities(torch.tensor([[2.0, 0.0]]), torch.zeros(1, 2, 2)).round(decimals=3)
         tensor([[0.8810, 0.1190]])
     """

@@ -26,7 +26,7 @@ def to_outer_plate(value: torch.Tensor, value_shape: tuple, event_dim: int, nest
     """``Tensor[B, *value_shape]`` reshaped so its batch dimension sits at ``-nesting - 1 - event_dim``
     (ones are inserted between it and the site's own batch dimensions).
 
-    Example:
+    Examples:
         >>> to_outer_plate(torch.zeros(5, 3), (3,), event_dim=1, nesting=2).shape
         torch.Size([5, 1, 1, 3])
     """

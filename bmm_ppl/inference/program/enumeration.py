@@ -136,7 +136,7 @@ def marginal_log_joint(model: Callable, values: dict, args: tuple, kwargs: dict,
     Returns:
         a scalar, or ``Tensor[batch]``.
 
-    Example:
+    Examples:
         >>> import pyro.distributions as dist
         >>> def model(y):
         ...     z = pyro.sample("z", dist.Bernoulli(torch.tensor(0.5)))

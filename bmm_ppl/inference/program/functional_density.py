@@ -30,9 +30,10 @@ class PyroDensity:
 
     Args:
         model: a Pyro program.
-        args, kwargs: one set of its arguments (observations included) to trace it with.
+        args: one set of its positional arguments (observations included) to trace it with.
+        kwargs: its keyword arguments to trace it with (``None``: none).
 
-    Example:
+    Examples:
         >>> from bmm_ppl.models import BayesianLinearRegression
         >>> density = PyroDensity(BayesianLinearRegression(alpha=None, beta=1.0), (torch.ones(3), torch.ones(3)))
         >>> density.latent_sites, density.observed_sites, sorted(density.param_constraints)

@@ -376,7 +376,7 @@ def capture(fn: Callable, example_args: Sequence[torch.Tensor]) -> Callable:
     Raises whatever the capture raises (e.g. data-dependent control flow under ``make_fx``); callers
     check the captured function against ``fn`` before trusting it.
 
-    Example:
+    Examples:
         >>> f = capture(lambda x: (torch.sin(x) * 1.0 + 0.0, x.exp()), [torch.zeros(3)])
         >>> [t.shape for t in f(torch.ones(3))]
         [torch.Size([3]), torch.Size([3])]
@@ -447,7 +447,7 @@ def agrees(value: torch.Tensor, reference: torch.Tensor, rtol: float = 1e-5) -> 
     sum's rounding error scales with its largest terms, so small entries get the large ones' absolute
     tolerance); non-finite entries must match exactly.
 
-    Example:
+    Examples:
         >>> agrees(torch.tensor([1.0, 1e-9]), torch.tensor([1.0, 0.0])), agrees(torch.ones(1), 2 * torch.ones(1))
         (True, False)
     """
@@ -474,7 +474,7 @@ def capture_checked(fn: Callable, example_args: Sequence[torch.Tensor], probe_ar
         the captured function (``(captured, graph)`` with ``with_graph``), or ``None`` where ``fn`` cannot
         be captured (it raised while recording, e.g. on value-dependent control flow) or disagrees.
 
-    Example:
+    Examples:
         >>> f = capture_checked(lambda x: (x.exp(),), [torch.zeros(2)], [torch.ones(2)], lambda x: (x.exp(),))
         >>> f(torch.ones(2))[0]
         tensor([2.7183, 2.7183])

@@ -48,7 +48,7 @@ def site_log_prob(site: dict, trace=None) -> torch.Tensor:
     Returns:
         a tensor of the site's batch shape (or a broadcast of it).
 
-    Example:
+    Examples:
         >>> import pyro, pyro.distributions as dist
         >>> def model():
         ...     with pyro.plate("data", 3), pyro.poutine.mask(mask=torch.tensor([True, False, True])):
@@ -76,7 +76,7 @@ def sum_keeping_batch(log_prob: torch.Tensor, batch: int | None, nesting: int) -
     Returns:
         ``Tensor[batch]`` (a site that does not depend on the batch is broadcast), or a scalar.
 
-    Example:
+    Examples:
         >>> sum_keeping_batch(torch.ones(4, 1, 3), 4, 2), sum_keeping_batch(torch.ones(3), 4, 2)
         (tensor([3., 3., 3., 3.]), tensor([3., 3., 3., 3.]))
     """
@@ -100,7 +100,8 @@ def log_density(trace, batch: int | None = None, nesting: int = 0, sites=None, e
 
     Args:
         trace: a ``poutine.Trace``.
-        batch, nesting: as :func:`sum_keeping_batch` (``batch=None``: one scalar).
+        batch: the outer plate's size, as :func:`sum_keeping_batch` (``batch=None``: one scalar).
+        nesting: the program's plate nesting, as :func:`sum_keeping_batch`.
         sites: only these site names (default: every sample site).
         exclude: site names left out.
 

@@ -31,11 +31,12 @@ class DataArguments:
     captured graph, and the arguments rebuilt around a minibatch of them.
 
     Args:
-        args, kwargs: the model's arguments.
+        args: the model's positional arguments.
+        kwargs: the model's keyword arguments.
         size: the data size ``n``: only tensors whose first dimension is ``n`` are data (a scalar or a
             parameter tensor of another length stays as it is); ``None``: every tensor argument.
 
-    Example:
+    Examples:
         >>> data = DataArguments((torch.zeros(5, 2), 3, torch.ones(2)), {"y": torch.ones(5)}, size=5)
         >>> args, kwargs = data.rebuild(tuple(t[:2] for t in data.tensors))
         >>> args[0].shape, args[1], args[2].shape, kwargs["y"].shape
@@ -78,7 +79,7 @@ class ScaleInPlate(Messenger):
     minibatch of ``b`` of ``n`` rows makes the plate's sum an unbiased estimate of the full-data sum.
     Sites outside the plate (the global latents' prior) are left alone.
 
-    Example:
+    Examples:
         >>> import pyro.distributions as dist
         >>> def model():
         ...     m = pyro.sample("m", dist.Normal(0.0, 1.0))
@@ -128,7 +129,7 @@ def with_data_scale(potential: ModelPotential, num_data: int, factor: float) -> 
         UnsupportedModelError: no single data plate, or a latent site inside it (a local latent cannot be
             subsampled by a sampler over a fixed parameter vector).
 
-    Example:
+    Examples:
         >>> import pyro.distributions as dist
         >>> def model(y):
         ...     m = pyro.sample("m", dist.Normal(torch.tensor(0.0), 1.0))
@@ -183,7 +184,7 @@ def compiled_minibatch_potential_and_grad(potential: ModelPotential, split: Data
     Returns:
         ``(potential_and_grad, "graph")``, or ``(None, "none")`` where the model cannot be captured.
 
-    Example:
+    Examples:
         >>> import pyro.distributions as dist
         >>> def model(y):
         ...     m = pyro.sample("m", dist.Normal(torch.tensor(0.0), 1.0))

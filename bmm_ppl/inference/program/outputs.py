@@ -52,7 +52,7 @@ class ReplaceDeterministic(Messenger):
     """Runs a program with ``values[name]`` in place of what ``pyro.deterministic(name, ...)`` computed:
     the call returns the given value, so that what the program does next depends on it alone.
 
-    Example:
+    Examples:
         >>> import pyro, torch
         >>> def model():
         ...     return pyro.deterministic("f", torch.zeros(2)) + 1

@@ -57,7 +57,8 @@ class ModelPotential:
         model: a Pyro program, run as ``model(*args, **kwargs)``; every latent site must be continuous (or
             discrete with finite support, which is refused here by name) and the model must have no
             ``pyro.param`` sites (fix them or give them hyperpriors).
-        args, kwargs: the data.
+        args: the data, as positional arguments.
+        kwargs: the data, as keyword arguments.
         allow_subsample: accept plates with ``subsample_size`` (a stochastic potential: right for SG-MCMC,
             whose gradient is stochastic anyway; refused for HMC/NUTS, whose target must be fixed).
 
@@ -69,7 +70,7 @@ class ModelPotential:
     Raises:
         UnsupportedModelError: before any work, naming the site and the feature.
 
-    Example:
+    Examples:
         >>> import pyro.distributions as dist
         >>> def model(y):
         ...     s = pyro.sample("s", dist.LogNormal(0.0, 1.0))

@@ -65,7 +65,7 @@ def guess_max_plate_nesting(*traces: poutine.Trace) -> int:
     be placed without colliding with the program's own: the largest over sample sites of
     :func:`site_batch_dims`.
 
-    Example:
+    Examples:
         >>> import pyro.distributions as dist
         >>> def model(y):
         ...     p = pyro.sample("p", dist.Beta(torch.ones(3), 1.0))       # batch [3], outside any plate
@@ -171,7 +171,7 @@ class SiteInfo:
 class ModelStructure:
     """The sample sites, param sites and plate nesting of one run of a model.
 
-    Example:
+    Examples:
         >>> def model(x):
         ...     w = pyro.sample("w", pyro.distributions.Normal(0.0, 1.0))
         ...     with pyro.plate("data", len(x)):

@@ -30,6 +30,14 @@ from bmm_ppl.inference.sgmcmc.kernels import preconditioned_sgld_update, psgld_u
 
 
 class SGMCMCMethod(StrEnum):
+    """The update rule of :class:`SGLD` (``method=``; the strings are accepted too).
+
+    Attributes:
+        SGLD: stochastic-gradient Langevin dynamics (Welling and Teh 2011).
+        PSGLD: preconditioned SGLD with an RMSprop-style diagonal preconditioner (Li et al. 2016).
+        SGHMC: stochastic-gradient Hamiltonian Monte Carlo with friction (Chen et al. 2014).
+    """
+
     SGLD = "sgld"
     PSGLD = "psgld"
     SGHMC = "sghmc"
@@ -52,7 +60,7 @@ _DENSE_UP_TO = 200  # dimensions up to which the adapted preconditioner is dense
 def adaptation_windows(warmup_steps: int) -> list[int]:
     """The steps at which the adaptive SGLD warm-up re-estimates its preconditioner.
 
-    Example:
+    Examples:
         >>> adaptation_windows(1000)
         [50, 150, 350, 750]
     """
@@ -62,7 +70,7 @@ def adaptation_windows(warmup_steps: int) -> list[int]:
 def polynomial_decay(lr: float, gamma: float = 0.55, t0: float = 100.0) -> Callable[[int], float]:
     """The step-size schedule ``lr * (1 + t / t0) ** -gamma`` (Welling & Teh's decay), for ``SGLD(lr=...)``.
 
-    Example:
+    Examples:
         >>> schedule = polynomial_decay(1e-2, gamma=1.0, t0=10.0)
         >>> schedule(0), schedule(10)
         (0.01, 0.005)
@@ -93,7 +101,8 @@ class SGLD:
         batch_size: minibatch size (``None``: full data).
         thin: keep every ``thin``-th draw.
         temperature: scales the injected noise (1 samples the posterior; < 1 a cold posterior).
-        friction: SGHMC's friction; preconditioner_decay: pSGLD's RMSprop decay.
+        friction: SGHMC's friction.
+        preconditioner_decay: pSGLD's RMSprop decay.
         jit: capture the minibatch potential and its gradient as one traced graph whose inputs are the
             position and the minibatch (see
             :func:`~bmm_ppl.inference.program.minibatch.compiled_minibatch_potential_and_grad`), checked
@@ -101,7 +110,8 @@ class SGLD:
             each step where capture fails (control flow that reads tensor values, random operations):
             ``diagnostics["jit"]`` is ``"graph"`` or ``"none"``. Several times faster per step. The model's
             Python code runs only while recording (side effects happen once); ``False`` runs eagerly.
-        device: move the data here first; progress: tqdm bar.
+        device: move the data here first.
+        progress: show a tqdm bar.
 
     With ``lr=None`` and ``method="sgld"`` the warm-up adapts: it starts with a step of 1e-3, and at 5%,
     15%, 35% and 75% of ``warmup_steps`` regresses the window's gradients on its positions, whose slope is
@@ -127,7 +137,7 @@ class SGLD:
     step (lower ``lr``). It is checked on the device and read by the host once per 100 steps, so a
     diverging run stops within 100 steps of the first non-finite value.
 
-    Example:
+    Examples:
         >>> import pyro.distributions as dist
         >>> def model():
         ...     pyro.sample("m", dist.Normal(torch.tensor(0.0), 1.0))

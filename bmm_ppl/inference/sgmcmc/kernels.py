@@ -71,7 +71,7 @@ def preconditioned_sgld_update(z, grad, state, step_size: float, temperature: fl
     root). On a Gaussian target with ``M`` the posterior covariance, the stationary variance in whitened
     coordinates is ``1 / (1 - eps / 2)`` of the exact one.
 
-    Example:
+    Examples:
         >>> z, state = preconditioned_sgld_update(torch.zeros(1, 2), torch.ones(1, 2), {}, 0.5, 0.0,
         ...                                       torch.tensor([1.0, 4.0]), torch.tensor([1.0, 2.0]))
         >>> z

@@ -54,7 +54,7 @@ def loss_stationarity(losses: torch.Tensor, window: int) -> dict:
         ``converged`` says ``loss_change <= 2 * loss_noise + 1e-3 * max(|mean|, 1)``. With fewer than
         ``2 * window`` steps there is nothing to compare and ``converged`` is False.
 
-    Example:
+    Examples:
         >>> flat = 10 + torch.randn(400, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         >>> loss_stationarity(flat, 100)["converged"], loss_stationarity(torch.linspace(50, 10, 400), 100)["converged"]
         (True, False)
@@ -86,7 +86,7 @@ def gradient_converged(gradients, loss: float, dtype: torch.dtype = torch.float3
     Returns:
         ``{"converged": bool, "grad_max": float, "grad_tol": float}``.
 
-    Example:
+    Examples:
         >>> gradient_converged([torch.tensor([1e-5, -2e-4])], 35.0)["converged"]
         True
     """

@@ -36,7 +36,7 @@ class Schedule(StrEnum):
 def learning_rate(step: int, num_steps: int, lr: float, schedule: Schedule, final_lr_fraction: float = 0.01) -> float:
     """The learning rate at ``step`` (0-based) of ``num_steps``.
 
-    Example:
+    Examples:
         >>> learning_rate(0, 100, 0.1, Schedule.COSINE), round(learning_rate(99, 100, 0.1, Schedule.COSINE), 4)
         (0.1, 0.001)
     """

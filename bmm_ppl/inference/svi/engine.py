@@ -160,7 +160,7 @@ class SVI:
         device: move the data here first (``None``: follow the data).
         progress: show a tqdm progress bar.
 
-    Example:
+    Examples:
         >>> from bmm_ppl.models import BayesianLinearRegression, polynomial_features
         >>> x = torch.linspace(-1, 1, 20, dtype=torch.float64); y = 2 * x + 0.1 * torch.cos(9 * x)
         >>> post = SVI("mvn", num_steps=100, evidence_particles=500, progress=False).fit(

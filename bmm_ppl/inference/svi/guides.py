@@ -65,7 +65,7 @@ def resolve_guide(guide, model: Callable) -> Callable:
     Returns:
         A callable guide. Classes and names give a fresh guide per call, so that fits share no state.
 
-    Example:
+    Examples:
         >>> import pyro, pyro.distributions as dist
         >>> def model(): pyro.sample("z", dist.Normal(0.0, 1.0))
         >>> type(resolve_guide("mvn", model)).__name__
@@ -120,7 +120,8 @@ class GuideLatents(LatentDistribution):
 
     Args:
         guide: the fitted guide.
-        args, kwargs: the model's arguments the guide is called with.
+        args: the model's positional arguments the guide is called with.
+        kwargs: the model's keyword arguments the guide is called with.
         param_state: the fit's parameter-store state (``ParamStoreDict.get_state()``).
         site_shapes: ``{site: shape}`` of the model's latent sites.
         max_plate_nesting: the model's plate depth; draws go in a plate to its left.
@@ -182,7 +183,7 @@ class StoredDrawLatents(LatentDistribution):
     Args:
         draws: ``{site: Tensor[S, *site_shape]}``.
 
-    Example:
+    Examples:
         >>> q = StoredDrawLatents({"w": torch.randn(100, 2)})
         >>> q.sample(10)["w"].shape
         torch.Size([10, 2])

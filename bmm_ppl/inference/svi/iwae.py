@@ -53,7 +53,7 @@ def log_importance_weights(
 def elbo_from_weights(log_weights: torch.Tensor) -> Evidence:
     """The ELBO estimate ``mean(log w)`` with its Monte-Carlo standard error.
 
-    Example:
+    Examples:
         >>> elbo_from_weights(torch.tensor([-1.0, -3.0]))
         Evidence(value=-2.0, stderr=1.0, method='elbo')
     """
@@ -65,7 +65,7 @@ def elbo_from_weights(log_weights: torch.Tensor) -> Evidence:
 def iwae_from_weights(log_weights: torch.Tensor, num_samples: int) -> Evidence:
     """The IWAE bound with ``num_samples`` (K) weights per estimate, averaged over the ``len // K`` groups.
 
-    Example:
+    Examples:
         >>> iwae_from_weights(torch.zeros(8), 4)
         Evidence(value=0.0, stderr=0.0, method='iwae')
     """

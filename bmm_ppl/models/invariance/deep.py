@@ -33,7 +33,7 @@ class FeatureKernel(gpytorch.kernels.Kernel):
         feature_extractor: an ``nn.Module`` mapping ``Tensor[..., d]`` to ``Tensor[..., D]``.
         base_kernel: a GPyTorch kernel on the features (``LinearKernel()``: Bayesian linear last layer).
 
-    Example:
+    Examples:
         >>> net = torch.nn.Sequential(torch.nn.Linear(16, 3), torch.nn.Tanh())
         >>> kernel = FeatureKernel(net, gpytorch.kernels.LinearKernel())
         >>> kernel(torch.rand(5, 16)).to_dense().shape

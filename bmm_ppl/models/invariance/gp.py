@@ -55,7 +55,7 @@ class GPRegression:
     Shapes: ``x: Tensor[n, d]``; ``y: Tensor[n]`` or ``Tensor[n, C]`` (C outputs, independent given the
     kernel, e.g. one-hot class targets). Site ``"f"`` is ``Tensor[n]`` or ``Tensor[C, n]``.
 
-    Example:
+    Examples:
         >>> import gpytorch
         >>> model = GPRegression(gpytorch.kernels.RBFKernel(), noise=0.1)
         >>> x = torch.linspace(0, 1, 5, dtype=torch.float64).unsqueeze(-1)
@@ -126,7 +126,9 @@ class GPRegression:
         The kernel is evaluated once on ``[x; x_new]``, so a Monte-Carlo kernel uses one draw throughout.
 
         Args:
-            x: Tensor[n, d]; y: Tensor[n] or Tensor[n, C]; x_new: Tensor[m, d].
+            x: Tensor[n, d].
+            y: Tensor[n] or Tensor[n, C].
+            x_new: Tensor[m, d].
 
         Returns:
             ``(mean, variance)``: Tensor[m] (or Tensor[m, C]) and Tensor[m] (shared by the outputs).
@@ -171,11 +173,12 @@ class InvariantExactGP(gpytorch.models.ExactGP):
     """A plain GPyTorch exact GP: constant-zero mean and the given (invariant) kernel.
 
     Args:
-        train_x: Tensor[n, d]; train_y: Tensor[n].
+        train_x: Tensor[n, d].
+        train_y: Tensor[n].
         kernel: a GPyTorch kernel (e.g. ``ScaleKernel(InvariantKernel(...))``).
         likelihood: a ``gpytorch.likelihoods.GaussianLikelihood`` (a fresh one when ``None``).
 
-    Example:
+    Examples:
         >>> x = torch.rand(6, 16, dtype=torch.float64); y = torch.randn(6, dtype=torch.float64)
         >>> from bmm_ppl.models.invariance import InvariantKernel, rot90_group
         >>> gp = InvariantExactGP(x, y, InvariantKernel(gpytorch.kernels.RBFKernel(), rot90_group((4, 4)))).double()
@@ -206,7 +209,7 @@ class InvariantSVGP(gpytorch.models.ApproximateGP):
         inducing_points: Tensor[m, d] initial inducing inputs (learned).
         kernel: a GPyTorch kernel.
 
-    Example:
+    Examples:
         >>> from bmm_ppl.models.invariance import InvariantKernel, AffineImageTransform
         >>> k = gpytorch.kernels.ScaleKernel(InvariantKernel(gpytorch.kernels.RBFKernel(), AffineImageTransform((4, 4))))
         >>> svgp = InvariantSVGP(torch.rand(5, 16), k)

@@ -39,7 +39,7 @@ class InterDomainInvariantSVGP(torch.nn.Module):
         noise: initial Gaussian noise variance (learned, positive).
         jitter: added to ``K_zz``.
 
-    Example:
+    Examples:
         >>> from bmm_ppl.models.invariance import AffineImageTransform
         >>> k = InvariantKernel(gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel()), AffineImageTransform((4, 4)),
         ...                     estimator="shared", num_samples=3)

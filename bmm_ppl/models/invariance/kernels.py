@@ -93,7 +93,7 @@ class InvariantKernel(gpytorch.kernels.Kernel):
     Shapes: ``x1: Tensor[n, d]``, ``x2: Tensor[m, d]`` give ``Tensor[n, m]`` (``Tensor[n]`` with
     ``diag=True``). The cost is ``S^2`` base-kernel evaluations per entry (``|G|^2`` for a group).
 
-    Example:
+    Examples:
         >>> from bmm_ppl.models.invariance import AffineImageTransform
         >>> kernel = InvariantKernel(gpytorch.kernels.RBFKernel(), AffineImageTransform((8, 8)), ranges=0.5)
         >>> x = torch.rand(4, 64)
@@ -199,7 +199,7 @@ class InvariantKernel(gpytorch.kernels.Kernel):
         """Within this block every Monte-Carlo kernel call uses one draw of ``u`` (for both arguments and
         every block GPyTorch evaluates separately), so that e.g. train and test covariances agree.
 
-        Example:
+        Examples:
             >>> from bmm_ppl.models.invariance import AffineImageTransform
             >>> k = InvariantKernel(gpytorch.kernels.RBFKernel(), AffineImageTransform((4, 4)), estimator="shared")
             >>> x = torch.rand(3, 16)
@@ -280,7 +280,7 @@ class InvariantKernel(gpytorch.kernels.Kernel):
 def uniform_log_density(kernel: InvariantKernel, alpha: torch.Tensor) -> torch.Tensor:
     """``log p(α | θ)`` of the kernel's uniform distribution at ``alpha: Tensor[..., p]`` (``-inf`` outside).
 
-    Example:
+    Examples:
         >>> from bmm_ppl.models.invariance import AffineImageTransform
         >>> k = InvariantKernel(gpytorch.kernels.RBFKernel(), AffineImageTransform((4, 4)), ranges=0.5)
         >>> round(float(uniform_log_density(k, torch.tensor([0.2])).exp().detach()), 4)

@@ -65,7 +65,7 @@ class AffineImageTransform(Transform):
         image_shape: ``(height, width)``; inputs are ``Tensor[n, height * width]`` (row-major pixels).
         parameters: which of the affine parameters ``α`` holds, in order.
 
-    Example:
+    Examples:
         >>> t = AffineImageTransform((8, 8), ("rotation",))
         >>> x = torch.rand(5, 64, dtype=torch.float64)
         >>> t(x, torch.zeros(3, 1, dtype=torch.float64)).shape
@@ -124,7 +124,7 @@ class FunctionTransform(Transform):
         parameter_names: one name per component of ``α`` (sets p).
         max_ranges: the largest half-width per parameter (``inf`` when unbounded).
 
-    Example:
+    Examples:
         >>> shift = FunctionTransform(lambda x, a: x.unsqueeze(0) + a.unsqueeze(1), ("shift",))
         >>> shift(torch.zeros(4, 2), torch.tensor([[1.0], [2.0]]))[:, 0]
         tensor([[1., 1.],
@@ -167,7 +167,7 @@ class PermutationGroup(FiniteGroup):
             must contain the identity and be closed under composition (checked), so that a sum over
             the group is exactly invariant.
 
-    Example:
+    Examples:
         >>> swap = PermutationGroup([[0, 1], [1, 0]])
         >>> swap.orbit(torch.tensor([[1.0, 2.0]]))
         tensor([[[1., 2.]],
@@ -209,7 +209,7 @@ def rot90_group(image_shape: Sequence[int], flips: bool = False) -> PermutationG
     Args:
         image_shape: ``(size, size)``; inputs are ``Tensor[n, size * size]`` row-major pixels.
 
-    Example:
+    Examples:
         >>> rot90_group((3, 3)).order
         4
     """

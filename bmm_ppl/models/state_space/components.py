@@ -33,10 +33,12 @@ def structural_model(
         seasonal_period: s >= 2 for a stochastic dummy seasonal with s - 1 states.
         transition_cov: the component variances, Tensor[k, k] fixed, or learned diagonal by default.
         observation_cov: Tensor[1, 1] fixed, or learned by default.
-        initial_mean, initial_cov: the state at the first observation, learned by default.
-        dtype, device: of the fixed structural matrices.
+        initial_mean: the mean of the state at the first observation, learned by default.
+        initial_cov: the covariance of the state at the first observation, learned by default.
+        dtype: the dtype of the fixed structural matrices.
+        device: the device of the fixed structural matrices.
 
-    Example:
+    Examples:
         >>> structural_model(trend=True, seasonal_period=4).state_dim
         5
     """
@@ -81,7 +83,7 @@ def structural_model(
 def local_level(**kwargs) -> LinearGaussianSSM:
     """``y_t = mu_t + eps_t``, ``mu_{t+1} = mu_t + eta_t``; keywords as :func:`structural_model`.
 
-    Example:
+    Examples:
         >>> local_level(initial_mean=torch.zeros(1, dtype=torch.float64)).state_dim
         1
     """

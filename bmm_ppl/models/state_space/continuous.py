@@ -30,7 +30,7 @@ def discretise(a: torch.Tensor, b: torch.Tensor, dt: torch.Tensor, method: str |
     block matrix ``[[A, B], [0, 0]] dt`` (no inverse of A needed). Bilinear:
     ``Ab = (I - dt/2 A)^-1 (I + dt/2 A)``, ``Bb = (I - dt/2 A)^-1 dt B``.
 
-    Example:
+    Examples:
         >>> a = -torch.ones(1, 1, dtype=torch.float64); b = torch.ones(1, 1, dtype=torch.float64)
         >>> ab, bb = discretise(a, b, torch.tensor(0.1, dtype=torch.float64))
         >>> round(float(ab), 6), round(float(bb), 6)
@@ -52,12 +52,15 @@ class ContinuousTimeSSM(nn.Module):
     """A learnable continuous-time linear SSM layer mapping ``u: Tensor[*batch, T, c]`` to ``Tensor[*batch, T, p]``.
 
     Args:
-        state_dim, input_dim, output_dim: n, c, p.
+        state_dim: n, the state size.
+        input_dim: c, the number of input channels.
+        output_dim: p, the number of output channels.
         dt: the initial step (learned in log space).
         discretisation: ``"zoh"`` or ``"bilinear"``.
-        dtype, device: of the parameters.
+        dtype: the dtype of the parameters.
+        device: the device of the parameters.
 
-    Example:
+    Examples:
         >>> layer = ContinuousTimeSSM(4, 1, 1, dtype=torch.float64)
         >>> u = torch.randn(2, 50, 1, dtype=torch.float64)
         >>> torch.allclose(layer(u, mode="convolution"), layer(u, mode="recurrent"))

@@ -23,11 +23,13 @@ class DeepMarkovModel(nn.Module):
     """A deep Markov model over ``y: Tensor[B, T, p]``; use ``dmm.model`` and ``dmm.guide`` with Pyro's SVI.
 
     Args:
-        obs_dim: p; state_dim: the latent size; hidden_dim: width of the networks and the GRU.
+        obs_dim: p, the observation size.
+        state_dim: the latent size.
+        hidden_dim: width of the networks and the GRU.
 
     Sites: ``"z_t"`` (Tensor[B, state_dim]) and ``"y_t"`` (Tensor[B, p]) for each t, in a plate ``"series"``.
 
-    Example:
+    Examples:
         >>> dmm = DeepMarkovModel(obs_dim=2, state_dim=3, hidden_dim=8)
         >>> with pyro.get_param_store().scope():
         ...     trace = pyro.poutine.trace(dmm.guide).get_trace(torch.randn(4, 5, 2))

@@ -45,7 +45,7 @@ class GaussMarkovChain(dist.TorchDistribution):
         num_steps: T.
         batch_shape: the series' batch shape (transition offsets may carry it).
 
-    Example:
+    Examples:
         >>> p = LinearGaussianParams(torch.eye(1), torch.eye(1), torch.eye(1), torch.eye(1), torch.zeros(1), torch.eye(1))
         >>> GaussMarkovChain(p, 5).sample().shape
         torch.Size([5, 1])
@@ -99,7 +99,7 @@ class LinearGaussianObservations(dist.TorchDistribution):
         params: the model's matrices (transition ones are ignored).
         states: Tensor[..., T, n].
 
-    Example:
+    Examples:
         >>> p = LinearGaussianParams(torch.eye(1), torch.eye(1), torch.eye(1), torch.eye(1), torch.zeros(1), torch.eye(1))
         >>> y = torch.tensor([[0.5], [float("nan")]])
         >>> LinearGaussianObservations(p, torch.zeros(2, 1)).log_prob(y).shape

@@ -38,7 +38,7 @@ ARGUMENTS = (
 def diagonal(init: Union[torch.Tensor, float, None] = None) -> LearnedMatrix:
     """A diagonal covariance learned by type-II; its ``pyro.param`` holds the variances, Tensor[k].
 
-    Example:
+    Examples:
         >>> diagonal()
         LearnedMatrix(init=None, diagonal=True)
     """
@@ -85,7 +85,8 @@ class LinearGaussianSSM:
         observation_matrix: H, Tensor[p, n] or Tensor[T, p, n].
         transition_cov: Q, Tensor[k, k] (k = n unless a loading is given).
         observation_cov: R, Tensor[p, p].
-        initial_mean: Tensor[n]; initial_cov: Tensor[n, n].
+        initial_mean: Tensor[n].
+        initial_cov: Tensor[n, n].
         control_matrix: B, Tensor[n, c], used when controls are passed (learned by default).
         observation_control_matrix: D, Tensor[p, c] (0 by default).
         transition_noise_loading: L, fixed Tensor[n, k] (identity by default).
@@ -94,7 +95,7 @@ class LinearGaussianSSM:
     Sites: ``"states"``: Tensor[*batch, T, n] (a :class:`GaussMarkovChain`); ``"obs"``: Tensor[*batch, T, p];
     a batch of series lives in a plate ``"series"``.
 
-    Example:
+    Examples:
         >>> model = LinearGaussianSSM(torch.eye(1), torch.eye(1), None, None, torch.zeros(1), torch.eye(1))
         >>> with pyro.get_param_store().scope():  # a fresh store for this example
         ...     trace = pyro.poutine.trace(model).get_trace(torch.randn(20, 1))

@@ -30,7 +30,7 @@ _SETTINGS = {
 def package_engines(size: str | MatrixSize = MatrixSize.FAST) -> dict:
     """``{column: program -> engine}`` for SVI (``"normal"`` and ``"mvn"`` guides), NUTS, HMC and SGLD.
 
-    Example:
+    Examples:
         >>> sorted(package_engines("fast"))
         ['HMC', 'NUTS', 'SGLD', 'SVI(mvn)', 'SVI(normal)']
     """

@@ -25,9 +25,10 @@ class SiteMoments:
     """The exact posterior mean and standard deviation of one site, entry by entry.
 
     Args:
-        mean, sd: Tensor[*site_shape]. An entry whose ``mean`` is NaN is not checked (e.g. a direction
-            the posterior leaves improper); an entry with ``sd == 0`` is a constant and must be matched
-            to ``1e-6`` relative.
+        mean: Tensor[*site_shape]. An entry whose ``mean`` is NaN is not checked (e.g. a direction
+            the posterior leaves improper).
+        sd: Tensor[*site_shape]. An entry with ``sd == 0`` is a constant and must be matched to ``1e-6``
+            relative.
         discrete: the site takes discrete values (an enumerated assignment): its mean is a probability
             and its sd follows from it, so only the mean is checked.
     """
@@ -52,7 +53,9 @@ class IdiomProgram:
     Args:
         name: a short identifier (``"mask_tensor"``).
         feature: the Pyro idiom it exercises (``"poutine.mask"``), one item of the suite's coverage list.
-        model, args, kwargs: the program, called as ``model(*args, **kwargs)``.
+        model: the program, called as ``model(*args, **kwargs)``.
+        args: its positional arguments.
+        kwargs: its keyword arguments.
         reference: ``{site: SiteMoments}`` exact posterior moments of each checked site (latent,
             deterministic or enumerated-out discrete sites).
         log_evidence: the exact log evidence where the posterior is proper and it is cheap, else ``None``.
@@ -110,13 +113,14 @@ def normal_mean_posterior(prior_loc, prior_sd, y: torch.Tensor, noise_sd, weight
     multiplied by ``weights[i]`` (1 by default; 0 drops a point).
 
     Args:
-        y: Tensor[n]; weights: Tensor[n] or ``None``.
+        y: Tensor[n].
+        weights: Tensor[n] or ``None``.
 
     Returns:
         ``(SiteMoments of mu, log evidence or None)``: the evidence only for unit weights, where it is
         the normalised ``log N(y; prior_loc 1, noise_sd^2 I + prior_sd^2 1 1^T)``.
 
-    Example:
+    Examples:
         >>> moments, log_z = normal_mean_posterior(0.0, 1.0, torch.tensor([1.0, 1.0], dtype=torch.float64), 1.0)
         >>> float(moments.mean), round(float(moments.sd) ** 2, 4)
         (0.6666666666666666, 0.3333)
@@ -240,7 +244,7 @@ def quadrature_moments(
     Returns:
         ``({site: SiteMoments}, log evidence)``, the evidence ``log int exp(log_joint)``.
 
-    Example:
+    Examples:
         >>> grid = Grid.box([(-15.0, 17.0)], 2001)
         >>> prior = torch.distributions.Normal(torch.tensor(1.0, dtype=torch.float64), 2.0)
         >>> log_joint = lambda z: prior.log_prob(z[:, 0])

@@ -141,7 +141,7 @@ def check_pyro_idioms(engines, programs=None, num_samples: int = 10000, sd_toler
     Returns:
         an :class:`IdiomMatrix`; ``matrix.table()`` prints it.
 
-    Example:
+    Examples:
         >>> from bmm_ppl.inference import SVI
         >>> matrix = check_pyro_idioms({"SVI": SVI(num_steps=300, evidence_particles=200, progress=False)},
         ...                            programs=["normal_normal"])

@@ -22,7 +22,7 @@ class Comparison:
         posteriors: ``{name: Posterior}`` in the order given.
         prior: ``{name: prior model probability}``.
 
-    Example:
+    Examples:
         >>> from bmm_ppl.models import BayesianLinearRegression, polynomial_features
         >>> from bmm_ppl.inference import Exact
         >>> x = torch.linspace(0, 1, 20, dtype=torch.float64); y = 1 + 2 * x + 0.1 * torch.sin(40 * x)
@@ -182,7 +182,8 @@ def compare(
     Args:
         models: ``{name: Pyro model}``.
         engine: any engine with ``.fit(model, *args, **kwargs) -> Posterior``.
-        *args, **kwargs: the data, passed to every model.
+        *args: the data's positional arguments, passed to every model.
+        **kwargs: the data's keyword arguments, passed to every model.
         prior: prior model probabilities (uniform when ``None``).
         executor: anything with ``.map(fn, iterable)`` (e.g. a ``concurrent.futures`` executor or a Ray
             pool) to fit models in parallel; in-process by default.

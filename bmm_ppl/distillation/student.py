@@ -1,4 +1,4 @@
-"""``distill``: train a student network to reproduce a teacher's predictive distribution."""
+"""Training a student network to reproduce a teacher's predictive distribution (``distill``)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ class GaussianPerturbation:
         batches_per_epoch: batches per epoch; ``None`` for ``ceil(n / batch_size)``.
         relative: scale the noise by each feature's standard deviation.
 
-    Example:
+    Examples:
         >>> source = GaussianPerturbation(torch.zeros(10, 3), scale=0.5, relative=False)
         >>> [b.shape for b in source.batches(4)]
         [torch.Size([4, 3]), torch.Size([4, 3]), torch.Size([4, 3])]
@@ -208,10 +208,12 @@ def distill(
             generator (possibly infinite) of which each epoch takes ``steps_per_epoch`` batches.
         task: ``"classification"`` or ``"regression"`` (default: the teacher's, classification for modules).
         targets: optional labels Tensor[n] for tensor inputs (adds Hinton's hard term).
-        temperature, weight: Hinton's T and λ (λ weighs the hard term).
+        temperature: Hinton's temperature T.
+        weight: Hinton's λ, which weighs the hard term.
         epochs: the epoch cap.
-        lr, batch_size: Adam's initial learning rate (unless ``optimizer`` builds another optimiser from
-            the parameters) and the minibatch size.
+        lr: Adam's initial learning rate (unless ``optimizer`` builds another optimiser from the
+            parameters).
+        batch_size: the minibatch size.
         validation_fraction: share of tensor inputs held out for early stopping and the agreement report.
         validation_inputs: Tensor[m, ...] held-out inputs instead.
         patience: stop after this many epochs without an improvement larger than ``tol``; ``None`` runs
@@ -231,7 +233,7 @@ def distill(
     Warns:
         ConvergenceWarning: the epoch cap was reached while the monitored loss was still improving.
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0); teacher = torch.nn.Linear(3, 4); student = torch.nn.Linear(3, 4)
         >>> result = distill(teacher, student, torch.randn(256, 3), lr=0.03, progress=False)
         >>> result.converged, result.agreement["top1_agreement"] > 0.9
