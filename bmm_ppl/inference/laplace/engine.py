@@ -16,6 +16,7 @@ from typing import Callable
 
 import pyro.distributions as dist
 import torch
+from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from torch.distributions import transform_to
 from tqdm.auto import tqdm
 
@@ -40,15 +41,20 @@ _MODE_RESTARTS = 3
 _NEWTON_STEPS = 3
 
 
+# Wrappers that leave the variable itself unchanged (its value is the base distribution's value). A
+# TransformedDistribution (LogNormal, a Normal pushed through a bijection) also has a ``base_dist`` but its
+# value is a transform of the base draw: not a Gaussian prior, and the Gaussian would sit on the wrong scale.
+_VALUE_PRESERVING_WRAPPERS = (dist.Independent, torch.distributions.Independent, MaskedDistribution, ExpandedDistribution)
+
+
 def _normal_base(fn):
-    """The ``Normal`` under ``Independent`` / masked / expanded wrappers, else ``None``."""
+    """The ``Normal`` under ``Independent`` / masked / expanded wrappers, else ``None`` (also for transformed ones)."""
     while True:
-        if isinstance(fn, dist.Normal):
+        if isinstance(fn, dist.Normal) and not isinstance(fn, torch.distributions.TransformedDistribution):
             return fn
-        inner = getattr(fn, "base_dist", None)
-        if inner is None:
+        if not isinstance(fn, _VALUE_PRESERVING_WRAPPERS):
             return None
-        fn = inner
+        fn = fn.base_dist
 
 
 def _check_program(trace) -> None:
@@ -70,9 +76,12 @@ def _check_program(trace) -> None:
         if site["fn"].support.is_discrete:
             raise UnsupportedModelError(f"Laplace needs continuous latents; site {name!r} is discrete ({type(site['fn']).__name__})")
         if _normal_base(site["fn"]) is None:
+            prior = site["fn"]
+            while isinstance(prior, _VALUE_PRESERVING_WRAPPERS):
+                prior = prior.base_dist
             raise UnsupportedModelError(
                 f"Laplace here needs a Gaussian (Normal) prior on every latent site; site {name!r} has "
-                f"{type(site['fn']).__name__}: reparameterise it as a Normal, or use NUTS or SVI"
+                f"{type(prior).__name__}: reparameterise it as a Normal, or use NUTS or SVI"
             )
 
 

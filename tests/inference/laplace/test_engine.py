@@ -138,6 +138,16 @@ def test_refusals_name_the_site_and_feature():
     with pytest.raises(UnsupportedModelError, match="site 's' has Gamma"):
         Laplace(progress=False).fit(gamma_prior, x, y)
 
+    # A LogNormal is a Normal pushed through exp: it has a Normal ``base_dist`` but is not a Gaussian prior
+    # (the Gaussian would sit on log s while the draws are reported as s). Refused, masked or expanded too.
+    def log_normal_prior(x, y):
+        s = pyro.sample("s", dist.LogNormal(torch.tensor(0.0, dtype=F64), 1.0).expand([1]).mask(True).to_event(1))
+        with pyro.plate("data", len(y)):
+            pyro.sample("obs", dist.Normal(pyro.deterministic("m", s * x[:, 0]), 1.0), obs=y)
+
+    with pytest.raises(UnsupportedModelError, match="site 's' has LogNormal"):
+        Laplace(progress=False).fit(log_normal_prior, x, y)
+
     def no_output(x, y):
         w = pyro.sample("w", dist.Normal(torch.zeros(3, dtype=F64), 1.0).to_event(1))
         with pyro.plate("data", len(y)):
