@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from bmm_ppl.inference.svi import core as svi_core
 from bmm_ppl.inference.errors import ConvergenceWarning, DivergenceError, UnsupportedModelError
-from bmm_ppl.inference.svi.convergence import DegenerationMonitor, gradient_converged, loss_stationarity
+from bmm_ppl.inference.svi.convergence import (MIN_STATIONARITY_WINDOW, DegenerationMonitor, gradient_converged,
+                                                loss_stationarity)
 from bmm_ppl.inference.svi.guides import GuideLatents, guide_site_names, is_guide_function, is_point_mass, resolve_guide
 from bmm_ppl.inference.svi.iwae import elbo_from_weights, log_importance_weights, streamed_log_importance_weights
 from bmm_ppl.inference.evidence import Evidence
@@ -645,7 +646,8 @@ class SVI:
             change = report["loss_change"]
             lr = _GRADIENT_LR if self.lr is None else self.lr
             detail = (
-                f"only {report['num_steps']} steps ran, too few to test" if not math.isfinite(change) else
+                f"only {report['num_steps']} steps ran, too few to test (the test compares two windows of at least "
+                f"{MIN_STATIONARITY_WINDOW} steps)" if not math.isfinite(change) else
                 f"-ELBO still fell by {change:.4g} between the last two windows of {report['window']} steps "
                 f"(noise {report['loss_noise']:.3g}, tolerance {report['tolerance']:.3g})"
             )
