@@ -78,7 +78,12 @@ def test_the_known_failures_name_real_cases():
 @pytest.mark.parametrize("program_name,engine_name", list(_cases()))
 def test_engine_matches_or_refuses_the_idiom(program_name, engine_name):
     program = _program(program_name)
-    _assert_expected(check_idiom(ENGINES[engine_name], program, engine_name), program)
+    # 4,000 draws from a distribution-backed posterior (SVI's guide; stored draws are used whole): the mean
+    # check's floor of 0.1 sd binds from 1,600 draws on (4 MCSE = 4 sd / sqrt(n)), and the sd's own error is
+    # about 1%, against a 10-15% tolerance, so the check is as strict as at the runner's 10,000. The draws
+    # of enumerated sites come from one infer_discrete run per draw where the model does not broadcast
+    # (the components-plate mixture: 80 of its 108 s under SVI at 10,000 draws).
+    _assert_expected(check_idiom(ENGINES[engine_name], program, engine_name, num_samples=4000), program)
 
 
 @pytest.mark.slow
