@@ -185,7 +185,8 @@ def page_markdown(script: pathlib.Path) -> str:
 
 
 def notebook_json(script: pathlib.Path) -> str:
-    """The script as a Jupyter notebook (jupytext): docstring as Markdown, ``main`` run with ``quick=True``."""
+    """The script as a Jupyter notebook (jupytext): docstring as Markdown, ``main`` run with ``quick=True``,
+    then the figures it saved shown."""
     import jupytext
     import nbformat
 
@@ -193,10 +194,18 @@ def notebook_json(script: pathlib.Path) -> str:
     title, introduction, code = split_docstring(source)
     number = script.name[:2]
     code = code.split('if __name__ == "__main__":')[0].rstrip()
+    if not re.search(r"^import pathlib$", code, re.M):
+        code = "import pathlib\n\n" + code
     notebook = jupytext.reads(code, fmt="py:light")
     notebook.cells.insert(0, nbformat.v4.new_markdown_cell(f"# {title}\n\n{introduction}"))
     notebook.cells.append(nbformat.v4.new_markdown_cell("Run the tutorial (`quick=False` for the full settings):"))
     notebook.cells.append(nbformat.v4.new_code_cell(f'results = main("tutorial_output/{number}", quick=True)'))
+    # The tutorials save and close their figures (some select the Agg backend): show the saved files.
+    notebook.cells.append(nbformat.v4.new_code_cell(
+        "from IPython.display import Image, display\n\n"
+        f'for figure in sorted(pathlib.Path("tutorial_output/{number}").glob("*.png")):\n'
+        "    display(Image(filename=str(figure)))"
+    ))
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     notebook.metadata.pop("jupytext", None)
     return jupytext.writes(notebook, fmt="ipynb")

@@ -101,7 +101,7 @@ def test_site_builds_strict_with_every_reference_entry_figure_and_notebook(tmp_p
         notebook = nbformat.read(site / "tutorials" / f"{script.stem}.ipynb", as_version=4)
         nbformat.validate(notebook)
         code = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "code")
-        assert "def main(" in code and "main(" in notebook.cells[-1].source
+        assert "def main(" in code and "main(" in notebook.cells[-2].source and "display(" in notebook.cells[-1].source
         assert '__name__ == "__main__"' not in code  # the command-line block would parse the kernel's argv
         for cell in notebook.cells:
             if cell.cell_type == "code":
