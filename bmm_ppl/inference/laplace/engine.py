@@ -44,17 +44,14 @@ _NEWTON_STEPS = 3
 # Wrappers that leave the variable itself unchanged (its value is the base distribution's value). A
 # TransformedDistribution (LogNormal, a Normal pushed through a bijection) also has a ``base_dist`` but its
 # value is a transform of the base draw: not a Gaussian prior, and the Gaussian would sit on the wrong scale.
-_VALUE_PRESERVING_WRAPPERS = (dist.Independent, torch.distributions.Independent, MaskedDistribution, ExpandedDistribution)
+_VALUE_PRESERVING_WRAPPERS = (torch.distributions.Independent, MaskedDistribution, ExpandedDistribution)
 
 
-def _normal_base(fn):
-    """The ``Normal`` under ``Independent`` / masked / expanded wrappers, else ``None`` (also for transformed ones)."""
-    while True:
-        if isinstance(fn, dist.Normal) and not isinstance(fn, torch.distributions.TransformedDistribution):
-            return fn
-        if not isinstance(fn, _VALUE_PRESERVING_WRAPPERS):
-            return None
+def _unwrapped_prior(fn):
+    """The distribution under ``Independent`` / masked / expanded wrappers (a ``Normal`` for a Gaussian prior)."""
+    while isinstance(fn, _VALUE_PRESERVING_WRAPPERS):
         fn = fn.base_dist
+    return fn
 
 
 def _check_program(trace) -> None:
@@ -75,10 +72,8 @@ def _check_program(trace) -> None:
             continue
         if site["fn"].support.is_discrete:
             raise UnsupportedModelError(f"Laplace needs continuous latents; site {name!r} is discrete ({type(site['fn']).__name__})")
-        if _normal_base(site["fn"]) is None:
-            prior = site["fn"]
-            while isinstance(prior, _VALUE_PRESERVING_WRAPPERS):
-                prior = prior.base_dist
+        prior = _unwrapped_prior(site["fn"])
+        if not isinstance(prior, dist.Normal):
             raise UnsupportedModelError(
                 f"Laplace here needs a Gaussian (Normal) prior on every latent site; site {name!r} has "
                 f"{type(prior).__name__}: reparameterise it as a Normal, or use NUTS or SVI"
@@ -463,7 +458,7 @@ class _Problem:
         trace = self.density.trace(self.density.unconstrain({}), hyper, self.args, self.kwargs, observations=False)
         parts = []
         for name, shape in self.site_shapes.items():
-            normal = _normal_base(trace.nodes[name]["fn"])
+            normal = _unwrapped_prior(trace.nodes[name]["fn"])  # a Normal: checked up front
             parts.append(normal.scale.expand(shape).reshape(-1).pow(-2))
         return torch.cat(parts)
 
